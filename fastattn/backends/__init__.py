@@ -1,0 +1,1 @@
+"""Backends of `fastattn.spatial_attention`; see fastattn.dispatch for how one is chosen."""

@@ -1,0 +1,170 @@
+"""Backends and the choice between them.
+
+Each backend declares what it supports: `unavailable()` gives the reasons it cannot run at all
+on this machine (a missing package, say) and `unsupported(q, k, v)` the reasons it cannot take a
+particular input. Automatic choice takes the highest-priority backend with no reasons. A backend
+asked for by name (the `backend=` argument, or the FASTATTN_BACKEND environment variable) is used
+or an error lists why it cannot run: there is never a silent substitute.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "ENV_VAR",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "select_backend",
+    "backend_report",
+]
+
+ENV_VAR = "FASTATTN_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend (or every backend, for automatic choice) cannot run this input."""
+
+
+class Backend(ABC):
+    """One way of computing `spatial_attention`. Subclasses are stateless singletons."""
+
+    #: name used by `backend=` and FASTATTN_BACKEND
+    name: str = ""
+    #: higher is preferred by automatic choice
+    priority: int = 0
+
+    def unavailable(self) -> list[str]:
+        """Reasons this backend cannot run at all here (empty when it can)."""
+        return []
+
+    @abstractmethod
+    def unsupported(self, q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+        """Reasons this backend cannot take these (already validated) inputs."""
+
+    @abstractmethod
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Differentiable (out, lse); inputs are validated, `scale` is a float."""
+
+    def not_automatic(self, q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+        """Reasons automatic choice must pass this backend over even though it could run
+        (e.g. Triton's CPU interpreter: correct but slow, so only on explicit request)."""
+        return []
+
+    def reasons(self, q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+        return self.unavailable() or self.unsupported(q, k, v)
+
+
+# Built-in backends are imported lazily, so `import fastattn` needs neither triton nor CUDA.
+_BUILTIN = {
+    "torch": "fastattn.backends.torch_chunked:TorchChunkedBackend",
+    "triton": "fastattn.backends.triton:TritonBackend",
+}
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend under `backend.name`."""
+    if not isinstance(backend, Backend) or not backend.name:
+        raise TypeError(f"backend must be a named fastattn.dispatch.Backend instance, got {backend!r}")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+class _ImportFailed(Backend):
+    def __init__(self, name: str, error: BaseException):
+        self.name, self._error = name, error
+
+    def unavailable(self) -> list[str]:
+        return [f"its module failed to import: {type(self._error).__name__}: {self._error}"]
+
+    def unsupported(self, q, k, v):  # pragma: no cover - never reached, unavailable() wins
+        return []
+
+    def attention(self, q, k, v, scale):  # pragma: no cover
+        raise BackendUnavailableError(self.unavailable()[0])
+
+
+def _load_builtins() -> None:
+    for name, target in _BUILTIN.items():
+        if name in _REGISTRY:
+            continue
+        module_name, cls_name = target.split(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+            _REGISTRY[name] = cls()
+        except Exception as error:  # a broken optional backend must not break the others
+            _REGISTRY[name] = _ImportFailed(name, error)
+
+
+def available_backends() -> dict[str, Backend]:
+    """All known backends by name, highest priority first."""
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items(), key=lambda item: -item[1].priority))
+
+
+def get_backend(name: str) -> Backend:
+    backends = available_backends()
+    if name not in backends:
+        raise ValueError(
+            f"backend must be one of {sorted(backends)} or None (automatic), got {name!r}"
+        )
+    return backends[name]
+
+
+def _format_reasons(reasons_by_name: dict[str, list[str]]) -> str:
+    return "\n".join(f"  - {name}: {'; '.join(r)}" for name, r in reasons_by_name.items())
+
+
+def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) -> Backend:
+    """The backend that will run these inputs: the one named (argument, else FASTATTN_BACKEND),
+    or the highest-priority one that can. Raises BackendUnavailableError with every reason."""
+    source = "backend="
+    if backend is None and os.environ.get(ENV_VAR):
+        backend, source = os.environ[ENV_VAR].strip(), f"the {ENV_VAR} environment variable"
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        chosen = get_backend(backend) if source == "backend=" else _named_from_env(backend)
+        reasons = chosen.reasons(q, k, v)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {backend!r} (requested by {source}) cannot run this input:\n"
+                + _format_reasons({backend: reasons})
+                + f"\nq {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                f"{q.dtype} on {q.device}. Pass backend=None for automatic choice."
+            )
+        return chosen
+    rejected = {}
+    for name, candidate in available_backends().items():
+        reasons = candidate.reasons(q, k, v) or candidate.not_automatic(q, k, v)
+        if not reasons:
+            return candidate
+        rejected[name] = reasons
+    raise BackendUnavailableError(
+        "no fastattn backend can run this input:\n" + _format_reasons(rejected)
+    )
+
+
+def _named_from_env(name: str) -> Backend:
+    backends = available_backends()
+    if name not in backends:
+        raise ValueError(
+            f"{ENV_VAR} must name one of {sorted(backends)} (or be unset), got {name!r}"
+        )
+    return backends[name]
+
+
+def backend_report() -> list[dict]:
+    """For `python -m fastattn info`: each backend, whether it can run here, and why not."""
+    rows = []
+    for name, b in available_backends().items():
+        why = b.unavailable()
+        rows.append({"name": name, "priority": b.priority, "available": not why, "reasons": why})
+    return rows

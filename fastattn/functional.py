@@ -1,0 +1,109 @@
+"""The public functional API: `spatial_attention`. Validation happens here, once."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .dispatch import select_backend
+
+__all__ = ["spatial_attention", "validate_inputs", "resolve_scale"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYOUT = {"q": "(B, d_qk, N)", "k": "(B, d_qk, M)", "v": "(B, d_v, M)"}
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def validate_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise TypeError/ValueError naming the argument, what was received and what was expected."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {_LAYOUT[name]}, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions {_LAYOUT[name]} (channel-major, e.g. conv(x).flatten(2)), "
+                f"got {t.dim()} dimensions with shape {_shape(t)}"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}: q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: q, k and v must be on one device")
+    batch, d_qk, _ = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        bad, t = ("k", k) if k.shape[0] != batch else ("v", v)
+        raise ValueError(
+            f"{bad} has batch size {t.shape[0]} (shape {_shape(t)}) but q has batch size {batch} "
+            f"(shape {_shape(q)}): expected {bad} of shape ({batch}, {t.shape[1]}, {t.shape[2]})"
+        )
+    if k.shape[1] != d_qk:
+        raise ValueError(
+            f"k has d_qk={k.shape[1]} channels (shape {_shape(k)}) but q has d_qk={d_qk} (shape {_shape(q)}): "
+            f"expected k of shape ({batch}, {d_qk}, M)"
+        )
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v has M={v.shape[2]} keys/values (shape {_shape(v)}) but k has M={k.shape[2]} (shape {_shape(k)}): "
+            f"expected v of shape ({batch}, d_v, {k.shape[2]})"
+        )
+    if k.shape[2] == 0:
+        raise ValueError(
+            f"k and v have M=0 keys (k shape {_shape(k)}): expected M >= 1, a softmax over no keys is undefined"
+        )
+
+
+def resolve_scale(scale, d_qk: int) -> float:
+    """`scale=None` means 1/sqrt(d_qk), as in torch.nn.functional.scaled_dot_product_attention."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_qk) if d_qk > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def spatial_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = 1.0,
+    backend: str | None = None,
+    return_lse: bool = False,
+):
+    """Spatial self-attention as attention-GAN layers compute it, without the N x M matrix.
+
+    q: (B, d_qk, N), k: (B, d_qk, M), v: (B, d_v, M), channel-major as 1x1 convs produce them;
+    any strides (conv(x).flatten(2), max-pooled maps, transposed token-major tensors) are read
+    without copying. Returns out (B, d_v, N) with
+
+        out[b, :, i] = sum_j v[b, :, j] * softmax_j(scale * q[b, :, i] . k[b, :, j])
+
+    scale: 1.0 by default (GAN layers do not scale logits); None means 1/sqrt(d_qk).
+    backend: None picks the fastest backend that can run the input; a name ("torch", "triton")
+        forces it and raises BackendUnavailableError with the reasons when it cannot run.
+        The FASTATTN_BACKEND environment variable does the same when backend is None.
+    return_lse: also return the per-query log-sum-exp of the scaled logits, (B, N) in float32
+        (float64 for float64 inputs, so that fp64 gradient checks stay exact). It is
+        differentiable: d lse_i / d logit_ij is the attention probability.
+    """
+    validate_inputs(q, k, v)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    scale = resolve_scale(scale, q.shape[1])
+    chosen = select_backend(q, k, v, backend)
+    out, lse = chosen.attention(q, k, v, scale)
+    if return_lse:
+        return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out
