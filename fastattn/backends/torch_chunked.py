@@ -2,7 +2,7 @@
 
 Forward walks over chunks of queries, keeps a running (B, chunk, M) logits buffer, and saves only
 the per-query log-sum-exp. Backward recomputes the probabilities chunk by chunk from it. No
-N x M tensor is ever saved, and working memory is bounded by TORCH_CHUNK_BYTES, not by N.
+N x M tensor is ever saved, and working memory is bounded by constants.TORCH_CHUNK_BYTES, not by N.
 
 Low precision: logits, softmax statistics and accumulators are fp32 (fp64 for fp64 inputs), so
 unscaled GAN logits cannot overflow the way the naive fp16 bmm does.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..constants import TORCH_CHUNK_BYTES
+from .. import constants
 from ..dispatch import Backend
 
 __all__ = ["TorchChunkedBackend", "chunked_attention"]
@@ -28,7 +28,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rows_per_chunk(batch: int, n_keys: int, n_queries: int, acc: torch.dtype) -> int:
     per_row = max(1, batch * n_keys * torch.empty((), dtype=acc).element_size())
-    return max(1, min(n_queries, TORCH_CHUNK_BYTES // per_row))
+    return max(1, min(n_queries, constants.TORCH_CHUNK_BYTES // per_row))
 
 
 def _chunks(n_queries: int, rows: int):
