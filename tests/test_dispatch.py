@@ -1,0 +1,110 @@
+"""Backend choice: automatic picks the best that can run; a named one runs or raises with reasons."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastattn import BackendUnavailableError, spatial_attention
+from fastattn import dispatch
+from fastattn.dispatch import Backend, available_backends, select_backend
+
+
+def qkv():
+    return torch.randn(1, 4, 6), torch.randn(1, 4, 5), torch.randn(1, 3, 5)
+
+
+class _Picky(Backend):
+    """A test backend that refuses every input, with a reason, and would win on priority."""
+    name, priority = "picky", 10_000
+
+    def unsupported(self, q, k, v):
+        return [f"d_qk={q.shape[1]} is not a multiple of 64"]
+
+    def attention(self, q, k, v, scale):  # pragma: no cover - must never be called
+        raise AssertionError("a backend that reported reasons was run")
+
+
+class _Explicit(Backend):
+    """Accepts everything but only on explicit request (like Triton's CPU interpreter)."""
+    name, priority = "explicit", 9_000
+
+    def unsupported(self, q, k, v):
+        return []
+
+    def not_automatic(self, q, k, v):
+        return ["only on explicit request"]
+
+    def attention(self, q, k, v, scale):
+        return available_backends()["torch"].attention(q, k, v, scale)
+
+
+@pytest.fixture
+def extra_backends(monkeypatch):
+    registry = dict(dispatch._REGISTRY)
+    monkeypatch.setattr(dispatch, "_REGISTRY", registry)
+    dispatch.register_backend(_Picky())
+    dispatch.register_backend(_Explicit())
+    return registry
+
+
+def test_cpu_automatic_choice_is_the_torch_backend():
+    assert select_backend(*qkv()).name == "torch"
+
+
+def test_automatic_choice_skips_backends_with_reasons_and_explicit_only_ones(extra_backends):
+    assert select_backend(*qkv()).name == "torch"
+
+
+def test_requested_backend_that_cannot_run_raises_with_its_reasons(extra_backends):
+    with pytest.raises(BackendUnavailableError, match=r"(?s)backend 'picky' \(requested by backend=\) cannot run.*d_qk=4 is not a multiple of 64"):
+        spatial_attention(*qkv(), backend="picky")
+
+
+def test_environment_variable_forces_a_backend_and_never_substitutes(extra_backends, monkeypatch):
+    monkeypatch.setenv("FASTATTN_BACKEND", "picky")
+    with pytest.raises(BackendUnavailableError, match=r"requested by the FASTATTN_BACKEND environment variable"):
+        spatial_attention(*qkv())
+    monkeypatch.setenv("FASTATTN_BACKEND", "explicit")
+    assert select_backend(*qkv()).name == "explicit"
+    monkeypatch.setenv("FASTATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match=r"FASTATTN_BACKEND must name one of .* got 'nonsense'"):
+        spatial_attention(*qkv())
+
+
+def test_backend_argument_overrides_environment(extra_backends, monkeypatch):
+    monkeypatch.setenv("FASTATTN_BACKEND", "picky")
+    assert select_backend(*qkv(), backend="torch").name == "torch"
+
+
+def test_when_nothing_can_run_every_backend_and_reason_is_listed(monkeypatch):
+    monkeypatch.setattr(dispatch, "_REGISTRY", {"picky": _Picky()})
+    monkeypatch.setattr(dispatch, "_BUILTIN", {})
+    with pytest.raises(BackendUnavailableError, match=r"no fastattn backend can run this input:\n  - picky: d_qk=4"):
+        spatial_attention(*qkv())
+
+
+def test_a_backend_whose_module_fails_to_import_reports_why(monkeypatch):
+    monkeypatch.setattr(dispatch, "_REGISTRY", {})
+    monkeypatch.setattr(dispatch, "_BUILTIN", {**dispatch._BUILTIN, "broken": "fastattn.no_such_module:X"})
+    report = {row["name"]: row for row in dispatch.backend_report()}
+    assert not report["broken"]["available"]
+    assert "No module named 'fastattn.no_such_module'" in report["broken"]["reasons"][0]
+    with pytest.raises(BackendUnavailableError, match="its module failed to import"):
+        spatial_attention(*qkv(), backend="broken")
+
+
+def test_register_backend_rejects_non_backends():
+    with pytest.raises(TypeError, match="backend must be a named fastattn.dispatch.Backend"):
+        dispatch.register_backend(object())
+
+
+def test_info_command_lists_backends_and_their_status():
+    done = subprocess.run([sys.executable, "-m", "fastattn", "info"], capture_output=True, text=True, check=True)
+    assert "torch" in done.stdout and "available" in done.stdout
+    assert "triton" in done.stdout
+
+
+def test_import_fastattn_does_not_import_triton():
+    code = "import sys, fastattn; fastattn.spatial_attention; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
