@@ -107,9 +107,10 @@ def _clamp(block: int, length: int) -> int:
     return max(16, min(block, _pow2(length)))
 
 
-def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None):
+def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, prune=True):
     """The configurations worth timing for this shape: clamped to it, deduplicated, and pruned
-    of those that would spill registers or overflow shared memory."""
+    of those that would spill registers or overflow shared memory (`prune=False`: clamp only,
+    for the interpreter, which has neither)."""
     shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
     d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
     seen, kept = set(), []
@@ -119,7 +120,8 @@ def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None):
         threads = 32 * c.num_warps
         live = c.block_n * (c.block_dv + c.block_m) + c.block_n * d_pad * elem_bytes // 4  # acc, logits, q
         smem = c.num_stages * c.block_m * (d_pad + c.block_dv) * elem_bytes + c.block_n * d_pad * elem_bytes
-        if c in seen or live / threads > _MAX_FP32_PER_THREAD or smem > shared_bytes:
+        too_big = prune and (live / threads > _MAX_FP32_PER_THREAD or smem > shared_bytes)
+        if c in seen or too_big:
             continue
         seen.add(c)
         kept.append(c)
@@ -131,7 +133,8 @@ def _clamp_forward(c, n, m, d_v):
                    block_dv=min(pad_width(c.block_dv), pad_width(d_v)))
 
 
-def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, deterministic=False):
+def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, deterministic=False,
+                        prune=True):
     """As forward_candidates, for the backward; `deterministic` keeps the two-pass ones only."""
     shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
     d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
@@ -148,7 +151,8 @@ def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None,
         live = c.block_m * (d_pad + (2 * c.block_dv if fused else c.block_dv) + 3 * c.block_n)
         live += c.block_m * d_pad * elem_bytes // 4  # the k tile
         smem = c.num_stages * c.block_n * (d_pad + c.block_dv) * elem_bytes
-        if c in seen or live / threads > _MAX_FP32_PER_THREAD or smem > shared_bytes:
+        too_big = prune and (live / threads > _MAX_FP32_PER_THREAD or smem > shared_bytes)
+        if c in seen or too_big:
             continue
         seen.add(c)
         kept.append(c)
