@@ -29,6 +29,14 @@ _PRECISIONS = ("ieee", "tf32", "tf32x3")
 USES_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not interpreting()
 
 
+def _constant_under_compile(fn):
+    """torch.compile reads the setting once, when it traces (the settings' getters are C
+    functions dynamo cannot trace); eager calls read it every time."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
 def fp32_dot_precision() -> str:
     """tl.dot precision for fp32 inputs that matches what PyTorch allows for fp32 matmuls:
     TF32 only when PyTorch allows it (torch.backends.cuda.matmul.fp32_precision == "tf32", or,

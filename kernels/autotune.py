@@ -104,10 +104,11 @@ def forward_config(q, k, v, precision, run):
     """The ForwardConfig for these inputs; `run(config)` launches the forward once (for timing)."""
     n, m, d_qk, d_v = q.shape[2], k.shape[2], q.shape[1], v.shape[1]
     args = (n, m, d_qk, d_v, q.element_size())
+    fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
         return forward_candidates([INTERPRETER_FORWARD], *args, prune=False)[0]
     shared = _shared_bytes(q.device)
-    if _fixed():
+    if fixed:
         return forward_candidates([FIXED_FORWARD], *args, shared_bytes=shared)[0]
     candidates = forward_candidates(FORWARD_CONFIGS, *args, shared_bytes=shared)
     return _pick(_key("forward", q, v, precision), candidates, run, q)
@@ -117,10 +118,11 @@ def backward_config(q, k, v, precision, run):
     """The BackwardConfig for these inputs; `run(config)` launches the whole backward once."""
     n, m, d_qk, d_v = q.shape[2], k.shape[2], q.shape[1], v.shape[1]
     args = (n, m, d_qk, d_v, q.element_size())
+    fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
         return backward_candidates([INTERPRETER_BACKWARD], *args, prune=False)[0]
     shared = _shared_bytes(q.device)
-    if _fixed():
+    if fixed:
         return backward_candidates([FIXED_BACKWARD], *args, shared_bytes=shared, deterministic=True)[0]
     candidates = backward_candidates(BACKWARD_CONFIGS, *args, shared_bytes=shared)
     return _pick(_key("backward", q, v, precision), candidates, run, q)
