@@ -67,7 +67,10 @@ BACKWARD_CONFIGS: tuple[BackwardConfig, ...] = (
     BackwardConfig(64, 128, 128, 32, 128, atomic_dq=True, num_warps=8, num_stages=2),
     BackwardConfig(32, 128, 128, 32, 128, atomic_dq=True, num_warps=4, num_stages=3),
     BackwardConfig(128, 64, 128, 64, 128, atomic_dq=True, num_warps=8, num_stages=2),
+    BackwardConfig(64, 64, 64, 64, 128, atomic_dq=True, num_warps=8, num_stages=3),
+    BackwardConfig(32, 64, 64, 64, 128, atomic_dq=True, num_warps=4, num_stages=3),
     BackwardConfig(64, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=2),
+    BackwardConfig(32, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=3),
     BackwardConfig(32, 128, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=3),
     BackwardConfig(64, 128, 128, 64, 256, atomic_dq=False, num_warps=8, num_stages=2),
 )
@@ -75,7 +78,7 @@ BACKWARD_CONFIGS: tuple[BackwardConfig, ...] = (
 # The fixed configuration (FASTATTN_TRITON_CONFIG=fixed, or torch deterministic algorithms on):
 # no autotuning and a two-pass backward, so repeated runs give bit-identical results.
 FIXED_FORWARD = ForwardConfig(64, 64, 128, num_warps=4, num_stages=2)
-FIXED_BACKWARD = BackwardConfig(64, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=2)
+FIXED_BACKWARD = BackwardConfig(32, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=2)
 
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest tiles tl.dot accepts keep
 # the CI tests fast, and block_dv=64 makes the tests' d_v in {96, 300} take the split paths.
@@ -107,58 +110,65 @@ def _clamp(block: int, length: int) -> int:
     return max(16, min(block, _pow2(length)))
 
 
-def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, prune=True):
-    """The configurations worth timing for this shape: clamped to it, deduplicated, and pruned
-    of those that would spill registers or overflow shared memory (`prune=False`: clamp only,
-    for the interpreter, which has neither)."""
-    shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
-    d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
-    seen, kept = set(), []
-    for c in configs:
-        c = replace(c, block_n=_clamp(c.block_n, n), block_m=_clamp(c.block_m, m),
-                    block_dv=min(pad_width(c.block_dv), dv_pad))
-        threads = 32 * c.num_warps
-        live = c.block_n * (c.block_dv + c.block_m) + c.block_n * d_pad * elem_bytes // 4  # acc, logits, q
-        smem = c.num_stages * c.block_m * (d_pad + c.block_dv) * elem_bytes + c.block_n * d_pad * elem_bytes
-        too_big = prune and (live / threads > _MAX_FP32_PER_THREAD or smem > shared_bytes)
-        if c in seen or too_big:
-            continue
-        seen.add(c)
-        kept.append(c)
-    return kept or [_clamp_forward(FALLBACK_FORWARD, n, m, d_v)]
-
-
 def _clamp_forward(c, n, m, d_v):
     return replace(c, block_n=_clamp(c.block_n, n), block_m=_clamp(c.block_m, m),
                    block_dv=min(pad_width(c.block_dv), pad_width(d_v)))
 
 
+def _clamp_backward(c, n, m, d_v):
+    return replace(c, block_m=_clamp(c.block_m, m), block_n=_clamp(c.block_n, n),
+                   block_n_dq=_clamp(c.block_n_dq, n), block_m_dq=_clamp(c.block_m_dq, m),
+                   block_dv=min(pad_width(c.block_dv), pad_width(d_v)))
+
+
+def _forward_cost(c, d_pad, dv_pad, elem_bytes):
+    """(fp32 values live per thread, shared-memory bytes) of a forward program."""
+    live = c.block_n * (c.block_dv + c.block_m) + c.block_n * d_pad * elem_bytes // 4  # acc, logits, q
+    smem = c.num_stages * c.block_m * (d_pad + c.block_dv) * elem_bytes + c.block_n * d_pad * elem_bytes
+    return live / (32 * c.num_warps), smem
+
+
+def _backward_cost(c, d_pad, dv_pad, elem_bytes):
+    """As _forward_cost, for the dK/dV program (the larger of the backward's programs)."""
+    fused = dv_pad <= c.block_dv  # whole d_v in one dK/dV program
+    # fp32 dk and dv accumulators, the v tile held when fused (in the input dtype), the k
+    # tile, and two live (block_m, block_n) fp32 tiles (p overwrites s, ds overwrites dp)
+    v_tile = c.block_dv * elem_bytes // 4 if fused else 0
+    live = c.block_m * (d_pad + c.block_dv + v_tile + 2 * c.block_n + d_pad * elem_bytes // 4)
+    smem = c.num_stages * c.block_n * (d_pad + c.block_dv) * elem_bytes
+    return live / (32 * c.num_warps), smem
+
+
+def _fit(configs, clamp, cost, fallback, n, m, d_qk, d_v, elem_bytes, shared_bytes, prune):
+    """Clamp each config to the shape, lower its pipeline depth until its tiles fit shared
+    memory, drop it if it would still spill registers or overflow, and deduplicate."""
+    shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
+    d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
+    kept = []
+    for c in configs:
+        c = clamp(c, n, m, d_v)
+        if prune:
+            while c.num_stages > 1 and cost(c, d_pad, dv_pad, elem_bytes)[1] > shared_bytes:
+                c = replace(c, num_stages=c.num_stages - 1)
+            per_thread, smem = cost(c, d_pad, dv_pad, elem_bytes)
+            if per_thread > _MAX_FP32_PER_THREAD or smem > shared_bytes:
+                continue
+        if c not in kept:
+            kept.append(c)
+    return kept or [clamp(fallback, n, m, d_v)]
+
+
+def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, prune=True):
+    """The configurations worth timing for this shape: clamped to it, deduplicated, and pruned
+    of those that would spill registers or overflow shared memory (`prune=False`: clamp only,
+    for the interpreter, which has neither). Never empty: FALLBACK_FORWARD when all are pruned."""
+    return _fit(configs, _clamp_forward, _forward_cost, FALLBACK_FORWARD,
+                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)
+
+
 def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, deterministic=False,
                         prune=True):
     """As forward_candidates, for the backward; `deterministic` keeps the two-pass ones only."""
-    shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
-    d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
-    seen, kept = set(), []
-    for c in configs:
-        if deterministic and c.atomic_dq:
-            continue
-        c = replace(c, block_m=_clamp(c.block_m, m), block_n=_clamp(c.block_n, n),
-                    block_n_dq=_clamp(c.block_n_dq, n), block_m_dq=_clamp(c.block_m_dq, m),
-                    block_dv=min(pad_width(c.block_dv), dv_pad))
-        threads = 32 * c.num_warps
-        fused = dv_pad <= c.block_dv  # whole d_v in one dK/dV program
-        # dk + dv accumulators, v tile, and the three (block_m, block_n) tiles s, p, dp
-        live = c.block_m * (d_pad + (2 * c.block_dv if fused else c.block_dv) + 3 * c.block_n)
-        live += c.block_m * d_pad * elem_bytes // 4  # the k tile
-        smem = c.num_stages * c.block_n * (d_pad + c.block_dv) * elem_bytes
-        too_big = prune and (live / threads > _MAX_FP32_PER_THREAD or smem > shared_bytes)
-        if c in seen or too_big:
-            continue
-        seen.add(c)
-        kept.append(c)
-    if not kept:
-        c = FALLBACK_BACKWARD
-        kept = [replace(c, block_m=_clamp(c.block_m, m), block_n=_clamp(c.block_n, n),
-                        block_n_dq=_clamp(c.block_n_dq, n), block_m_dq=_clamp(c.block_m_dq, m),
-                        block_dv=min(pad_width(c.block_dv), dv_pad))]
-    return kept
+    configs = [c for c in configs if not (deterministic and c.atomic_dq)]
+    return _fit(configs, _clamp_backward, _backward_cost, FALLBACK_BACKWARD,
+                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)
