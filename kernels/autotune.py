@@ -78,11 +78,12 @@ def _shared_bytes(device: torch.device):
 
 
 def _pick(key, candidates, run, sample):
-    if len(candidates) == 1:
-        return candidates[0]
     if key in _TUNED:
         return _TUNED[key]
     if _tracing(sample):
+        return candidates[0]
+    if len(candidates) == 1:
+        _TUNED[key] = candidates[0]
         return candidates[0]
     times, first_error = {}, None
     for config in candidates:
@@ -96,14 +97,19 @@ def _pick(key, candidates, run, sample):
     return _TUNED[key]
 
 
+def _sizes(q, v):
+    """(N, M, d_qk, d_v) as ints: under torch.compile with dynamic shapes these are SymInts, and
+    the tile choice needs concrete values (int() specializes the compiled graph on them)."""
+    return int(q.shape[2]), int(v.shape[2]), int(q.shape[1]), int(v.shape[1])
+
+
 def _key(kind, q, v, precision):
-    return (kind, q.shape[2], v.shape[2], q.shape[1], v.shape[1], q.dtype, precision, str(q.device))
+    return (kind, *_sizes(q, v), q.dtype, precision, str(q.device))
 
 
 def forward_config(q, k, v, precision, run):
     """The ForwardConfig for these inputs; `run(config)` launches the forward once (for timing)."""
-    n, m, d_qk, d_v = q.shape[2], k.shape[2], q.shape[1], v.shape[1]
-    args = (n, m, d_qk, d_v, q.element_size())
+    args = (*_sizes(q, v), q.element_size())
     fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
         return forward_candidates([INTERPRETER_FORWARD], *args, prune=False)[0]
@@ -116,8 +122,7 @@ def forward_config(q, k, v, precision, run):
 
 def backward_config(q, k, v, precision, run):
     """The BackwardConfig for these inputs; `run(config)` launches the whole backward once."""
-    n, m, d_qk, d_v = q.shape[2], k.shape[2], q.shape[1], v.shape[1]
-    args = (n, m, d_qk, d_v, q.element_size())
+    args = (*_sizes(q, v), q.element_size())
     fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
         return backward_candidates([INTERPRETER_BACKWARD], *args, prune=False)[0]

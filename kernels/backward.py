@@ -222,7 +222,7 @@ def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, lse, scale, p
     if n_queries == 0:  # no query: every gradient is zero
         return torch.zeros((batch, d_qk, 0), dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, n_queries), dtype=torch.float32, device=q.device)
-    block_n = max(16, min(_DELTA_BLOCK_N, triton.next_power_of_2(n_queries)))
+    block_n = max(16, min(_DELTA_BLOCK_N, triton.next_power_of_2(int(n_queries))))
     kernel_call(attention_backward_delta_kernel)[(triton.cdiv(n_queries, block_n), batch)](
         grad_out, out, grad_lse if grad_lse is not None else delta, delta,
         *_strides(grad_out), *_strides(out),

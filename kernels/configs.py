@@ -102,7 +102,7 @@ def _pow2(x: int) -> int:
 
 def pad_width(width: int) -> int:
     """A channel width padded to a power of two >= 16 (tl.dot's smallest operand side)."""
-    return max(16, _pow2(width))
+    return max(16, _pow2(int(width)))
 
 
 def _clamp(block: int, length: int) -> int:
@@ -143,6 +143,7 @@ def _fit(configs, clamp, cost, fallback, n, m, d_qk, d_v, elem_bytes, shared_byt
     """Clamp each config to the shape, lower its pipeline depth until its tiles fit shared
     memory, drop it if it would still spill registers or overflow, and deduplicate."""
     shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
+    n, m, d_qk, d_v = int(n), int(m), int(d_qk), int(d_v)
     d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
     kept = []
     for c in configs:
