@@ -22,7 +22,8 @@ PENDING GPU MEASUREMENT: time both variants' full backward on the gan_shapes sit
 fp16, B as in the file) and keep the atomic variant only where it is faster.
 
 d_v: when the padded d_v fits `block_dv`, one dK/dV program holds v and accumulates both dK and
-dV. Wider values take two launches: dK (with dp summed over d_v chunks) and dV split over d_v.
+dV. Wider values take two launches: dK (with dp summed over DP_CHUNK-wide d_v chunks) and dV
+split over d_v in `block_dv` slices.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E
+from .configs import DP_CHUNK
+from .forward import LOG2E, LOG2E_CONST
 
 __all__ = ["launch_backward"]
 
@@ -108,7 +110,7 @@ def attention_backward_dkdv_kernel(
         mask_n = offs_n < n_queries
         q = tl.load(q_base + offs_n[None, :] * stride_qn, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         # padded queries get lse = +inf, hence p = 0
-        lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E
+        lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E_CONST
         s_t = tl.dot(k, q, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])  # (BLOCK_M, BLOCK_N)
         if WITH_DV:
@@ -136,7 +138,7 @@ def attention_backward_dkdv_kernel(
                 dq_part = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=INPUT_PRECISION,
                                  out_dtype=tl.float32)
                 dq_ptrs = dq_acc_ptr + batch * d_qk * n_queries + offs_d[:, None] * n_queries + offs_n[None, :]
-                tl.atomic_add(dq_ptrs, dq_part * scale, mask=mask_d[:, None] & mask_n[None, :])
+                tl.atomic_add(dq_ptrs, dq_part * scale, mask=mask_d[:, None] & mask_n[None, :], sem="relaxed")
 
     if WITH_DV:
         dv_ptrs = dv_ptr + batch * d_v * n_keys + offs_dv[None, :] * n_keys + offs_m[:, None]
@@ -170,7 +172,7 @@ def attention_backward_dq_kernel(
 
     q = tl.load(q_ptr + batch * stride_qb + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E
+    lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E_CONST
     delta = tl.load(delta_ptr + batch * n_queries + offs_n, mask=mask_n, other=0.0)
     do_base = do_ptr + batch * stride_dob + offs_n[:, None] * stride_don  # (BLOCK_N, 1)
     if DV_SINGLE:
@@ -228,7 +230,7 @@ def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, lse, scale, p
         *_strides(grad_out), *_strides(out),
         *((grad_lse.stride(0), grad_lse.stride(1)) if grad_lse is not None else (0, 0)),
         n_queries, d_v,
-        HAS_DLSE=grad_lse is not None, BLOCK_N=block_n, BLOCK_DV=_DELTA_BLOCK_DV,
+        HAS_DLSE=grad_lse is not None, BLOCK_N=block_n, BLOCK_DV=_DELTA_BLOCK_DV, num_warps=4, num_stages=2,
     )
 
     c = config
@@ -248,8 +250,9 @@ def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, lse, scale, p
             *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=dv_pad,
             WITH_DK=True, WITH_DV=True, ATOMIC_DQ=atomic, **common)
     else:
+        dp_chunk = min(c.block_dv, DP_CHUNK)
         kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, 1, batch)](
-            *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=c.block_dv,
+            *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=dp_chunk,
             WITH_DK=True, WITH_DV=False, ATOMIC_DQ=atomic, **common)
         kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, triton.cdiv(d_v, c.block_dv), batch)](
             *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=c.block_dv,
@@ -260,6 +263,6 @@ def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, lse, scale, p
         q, k, v, grad_out, lse, delta, dq_buffer,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         n_queries, n_keys, d_qk, d_v, float(scale) * LOG2E, float(scale),
-        BLOCK_N=c.block_n_dq, BLOCK_M=c.block_m_dq, BLOCK_DV=dv_pad if fused else c.block_dv,
+        BLOCK_N=c.block_n_dq, BLOCK_M=c.block_m_dq, BLOCK_DV=dv_pad if fused else min(c.block_dv, DP_CHUNK),
         DV_SINGLE=fused, **common)
     return dq_buffer, dk, dv

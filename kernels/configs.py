@@ -5,13 +5,19 @@ queries and `block_dv` value channels and walks over the keys `block_m` at a tim
 backward dK/dV program owns `block_m` keys and walks over the queries `block_n` at a time; the
 two-pass dQ program owns `block_n_dq` queries and walks over the keys `block_m_dq` at a time.
 
-Provenance: NOT YET MEASURED on this project's shapes (the session that wrote these kernels had
-no GPU). The entries start from the block shapes of Triton's fused-attention tutorial for
-Hopper (fwd 128x64, bwd 32x128 / 128x32, 4-8 warps, 3-5 stages) and add the variants that the
-small GAN widths make plausible: d_qk <= 32 makes QK^T cheap, so wider key tiles and smaller
-value splits are worth trying. The GPU session should time every entry on the gan_shapes sites
-(autotuning prints nothing; `fastattn.kernels.autotune.tuned_configs()` shows what won) and
-drop the ones that never win, recording the numbers here.
+Provenance. Timing: NOT YET MEASURED (the session that wrote these kernels had no GPU); the
+GPU session should time every entry on the gan_shapes sites (the autotuner keeps the winners,
+`fastattn.kernels.autotune.tuned_configs()` shows them), drop entries that never win and record
+the numbers here. Register fit: MEASURED OFFLINE, by compiling every kernel variant for sm_90
+with Triton 3.9 and reading the cubin's resource usage (cuobjdump -res-usage; the same check
+runs in tests/test_triton_compile.py). At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
+  forward  128x64/8 warps 228 regs, 128x32/8w 175, 64x64/4w 226, 64x32/4w 186: no spills;
+           128x128/8w and 64x128/4w spill; in fp32 (FMA dots) only block_m <= 32 fits.
+  dK/dV    keys x query-step: 128x32/8w 220-246 regs and 64x32/4w 254 and 64x16/4w 232: no
+           spills; 64x64/4w (720 B), 32x*/4w (600-7800 B), 128x16/4w (176 B) spill, and a
+           tile with fewer than 16 rows per warp always spills.
+  dQ       128x32/4w 255 regs and 128x64/8w 222: no spills; 64x64/4w spills 144 B.
+The pruning rules below are calibrated on those numbers.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ __all__ = [
     "FIXED_BACKWARD",
     "INTERPRETER_FORWARD",
     "INTERPRETER_BACKWARD",
+    "DP_CHUNK",
     "pad_width",
     "forward_candidates",
     "backward_candidates",
@@ -55,45 +62,47 @@ class BackwardConfig:
 
 FORWARD_CONFIGS: tuple[ForwardConfig, ...] = (
     ForwardConfig(128, 64, 128, num_warps=8, num_stages=3),
-    ForwardConfig(128, 64, 128, num_warps=4, num_stages=3),
-    ForwardConfig(128, 128, 128, num_warps=8, num_stages=2),
+    ForwardConfig(128, 32, 128, num_warps=8, num_stages=3),
     ForwardConfig(64, 64, 128, num_warps=4, num_stages=3),
-    ForwardConfig(64, 128, 64, num_warps=4, num_stages=3),
-    ForwardConfig(128, 32, 256, num_warps=8, num_stages=3),
+    ForwardConfig(64, 32, 128, num_warps=4, num_stages=3),
+    ForwardConfig(64, 64, 64, num_warps=4, num_stages=3),  # wide d_v: more, narrower value splits
 )
 
 BACKWARD_CONFIGS: tuple[BackwardConfig, ...] = (
-    BackwardConfig(64, 64, 64, 64, 128, atomic_dq=True, num_warps=4, num_stages=2),
-    BackwardConfig(64, 128, 128, 32, 128, atomic_dq=True, num_warps=8, num_stages=2),
-    BackwardConfig(32, 128, 128, 32, 128, atomic_dq=True, num_warps=4, num_stages=3),
-    BackwardConfig(128, 64, 128, 64, 128, atomic_dq=True, num_warps=8, num_stages=2),
-    BackwardConfig(64, 64, 64, 64, 128, atomic_dq=True, num_warps=8, num_stages=3),
-    BackwardConfig(32, 64, 64, 64, 128, atomic_dq=True, num_warps=4, num_stages=3),
-    BackwardConfig(64, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=2),
-    BackwardConfig(32, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=3),
-    BackwardConfig(32, 128, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=3),
-    BackwardConfig(64, 128, 128, 64, 256, atomic_dq=False, num_warps=8, num_stages=2),
+    BackwardConfig(128, 32, 128, 64, 128, atomic_dq=True, num_warps=8, num_stages=2),
+    BackwardConfig(64, 16, 128, 32, 128, atomic_dq=True, num_warps=4, num_stages=3),
+    BackwardConfig(128, 32, 128, 64, 128, atomic_dq=False, num_warps=8, num_stages=2),
+    BackwardConfig(64, 32, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=2),
+    BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=3),
 )
 
 # The fixed configuration (FASTATTN_TRITON_CONFIG=fixed, or torch deterministic algorithms on):
 # no autotuning and a two-pass backward, so repeated runs give bit-identical results.
-FIXED_FORWARD = ForwardConfig(64, 64, 128, num_warps=4, num_stages=2)
-FIXED_BACKWARD = BackwardConfig(32, 64, 64, 64, 128, atomic_dq=False, num_warps=4, num_stages=2)
+FIXED_FORWARD = ForwardConfig(64, 32, 128, num_warps=4, num_stages=2)
+FIXED_BACKWARD = BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=2)
 
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest tiles tl.dot accepts keep
 # the CI tests fast, and block_dv=64 makes the tests' d_v in {96, 300} take the split paths.
 INTERPRETER_FORWARD = ForwardConfig(16, 16, 64, num_warps=1, num_stages=1)
 INTERPRETER_BACKWARD = BackwardConfig(16, 16, 16, 16, 64, atomic_dq=False, num_warps=1, num_stages=1)
 
-# When pruning leaves nothing (d_qk near 256 with wide values): small tiles that always fit.
-FALLBACK_FORWARD = ForwardConfig(32, 32, 64, num_warps=4, num_stages=1)
-FALLBACK_BACKWARD = BackwardConfig(32, 32, 32, 32, 64, atomic_dq=False, num_warps=4, num_stages=1)
+# When pruning leaves nothing (d_qk near 256, fp32 with wide values): small tiles that fit.
+FALLBACK_FORWARD = ForwardConfig(64, 16, 64, num_warps=4, num_stages=1)
+FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warps=4, num_stages=1)
 
-# Budgets of the pruning rules below: fp32 accumulator/tile elements per thread (a thread has
-# at most 255 registers, and the loads, pointers and softmax state need the rest), and bytes
-# of shared memory when the device does not report its own limit (Ampere consumer parts).
-_MAX_FP32_PER_THREAD = 160
+# Budgets of the pruning rules (see _forward_cost / _backward_cost for what they count):
+# calibrated on the offline compile above, where configs up to these sizes fit 255 registers
+# without spilling and the next larger ones spill. Shared memory when the device does not
+# report its own limit: 99 KiB (Ampere consumer parts).
+_FORWARD_BUDGET = 96
+_BACKWARD_BUDGET = 200
 _DEFAULT_SHARED_BYTES = 99 * 1024
+# tl.dot on NVIDIA gives each warp 16-row slices: a tile with fewer rows per warp replicates
+# work and, in the offline compile, always spilled.
+_ROWS_PER_WARP = 16
+# Value channels per step of the dp = V^T dO loops when d_v is split (the dK launch and the
+# dQ kernel): 128 spilled at d_qk 64 / d_v 256 in the offline compile.
+DP_CHUNK = 64
 
 
 def _pow2(x: int) -> int:
@@ -110,36 +119,46 @@ def _clamp(block: int, length: int) -> int:
     return max(16, min(block, _pow2(length)))
 
 
+def _warps(num_warps, *row_blocks):
+    return max(1, min(num_warps, *(rows // _ROWS_PER_WARP for rows in row_blocks)))
+
+
 def _clamp_forward(c, n, m, d_v):
-    return replace(c, block_n=_clamp(c.block_n, n), block_m=_clamp(c.block_m, m),
-                   block_dv=min(pad_width(c.block_dv), pad_width(d_v)))
+    block_n = _clamp(c.block_n, n)
+    return replace(c, block_n=block_n, block_m=_clamp(c.block_m, m),
+                   block_dv=min(pad_width(c.block_dv), pad_width(d_v)), num_warps=_warps(c.num_warps, block_n))
 
 
 def _clamp_backward(c, n, m, d_v):
-    return replace(c, block_m=_clamp(c.block_m, m), block_n=_clamp(c.block_n, n),
-                   block_n_dq=_clamp(c.block_n_dq, n), block_m_dq=_clamp(c.block_m_dq, m),
-                   block_dv=min(pad_width(c.block_dv), pad_width(d_v)))
+    block_m, block_n_dq = _clamp(c.block_m, m), _clamp(c.block_n_dq, n)
+    return replace(c, block_m=block_m, block_n=_clamp(c.block_n, n), block_n_dq=block_n_dq,
+                   block_m_dq=_clamp(c.block_m_dq, m), block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
+                   num_warps=_warps(c.num_warps, block_m, block_n_dq))
 
 
 def _forward_cost(c, d_pad, dv_pad, elem_bytes):
-    """(fp32 values live per thread, shared-memory bytes) of a forward program."""
-    live = c.block_n * (c.block_dv + c.block_m) + c.block_n * d_pad * elem_bytes // 4  # acc, logits, q
+    """(register cost per thread, shared-memory bytes) of a forward program: the fp32
+    accumulator plus the logits tile, which costs twice as much for fp32 inputs (FMA dots)."""
+    cost = c.block_n * (c.block_dv + c.block_m * elem_bytes // 2) / (32 * c.num_warps)
     smem = c.num_stages * c.block_m * (d_pad + c.block_dv) * elem_bytes + c.block_n * d_pad * elem_bytes
-    return live / (32 * c.num_warps), smem
+    return cost, smem
 
 
 def _backward_cost(c, d_pad, dv_pad, elem_bytes):
-    """As _forward_cost, for the dK/dV program (the larger of the backward's programs)."""
-    fused = dv_pad <= c.block_dv  # whole d_v in one dK/dV program
-    # fp32 dk and dv accumulators, the v tile held when fused (in the input dtype), the k
-    # tile, and two live (block_m, block_n) fp32 tiles (p overwrites s, ds overwrites dp)
-    v_tile = c.block_dv * elem_bytes // 4 if fused else 0
-    live = c.block_m * (d_pad + c.block_dv + v_tile + 2 * c.block_n + d_pad * elem_bytes // 4)
-    smem = c.num_stages * c.block_n * (d_pad + c.block_dv) * elem_bytes
-    return live / (32 * c.num_warps), smem
+    """As _forward_cost, for the dK/dV program (the larger of the backward's programs): four
+    (block_m, block_n) fp32 tiles (s, p, dp, ds), the fp32 dk/dv accumulators, the v tile held
+    when d_v is not split and the dO tile (input dtype), and the atomic dQ partial."""
+    fused = dv_pad <= c.block_dv
+    dv = c.block_dv if fused else min(c.block_dv, DP_CHUNK)
+    elements = (4 * c.block_m * c.block_n + c.block_m * (d_pad + dv)
+                + (c.block_m * dv if fused else 0) * elem_bytes // 4 + dv * c.block_n * elem_bytes // 4)
+    if c.atomic_dq:
+        elements += 2 * d_pad * c.block_n
+    smem = c.num_stages * c.block_n * (d_pad + dv) * elem_bytes
+    return elements / (32 * c.num_warps), smem
 
 
-def _fit(configs, clamp, cost, fallback, n, m, d_qk, d_v, elem_bytes, shared_bytes, prune):
+def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, shared_bytes, prune):
     """Clamp each config to the shape, lower its pipeline depth until its tiles fit shared
     memory, drop it if it would still spill registers or overflow, and deduplicate."""
     shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
@@ -152,7 +171,7 @@ def _fit(configs, clamp, cost, fallback, n, m, d_qk, d_v, elem_bytes, shared_byt
             while c.num_stages > 1 and cost(c, d_pad, dv_pad, elem_bytes)[1] > shared_bytes:
                 c = replace(c, num_stages=c.num_stages - 1)
             per_thread, smem = cost(c, d_pad, dv_pad, elem_bytes)
-            if per_thread > _MAX_FP32_PER_THREAD or smem > shared_bytes:
+            if per_thread > budget or smem > shared_bytes:
                 continue
         if c not in kept:
             kept.append(c)
@@ -163,7 +182,7 @@ def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, 
     """The configurations worth timing for this shape: clamped to it, deduplicated, and pruned
     of those that would spill registers or overflow shared memory (`prune=False`: clamp only,
     for the interpreter, which has neither). Never empty: FALLBACK_FORWARD when all are pruned."""
-    return _fit(configs, _clamp_forward, _forward_cost, FALLBACK_FORWARD,
+    return _fit(configs, _clamp_forward, _forward_cost, _FORWARD_BUDGET, FALLBACK_FORWARD,
                 n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)
 
 
@@ -171,5 +190,5 @@ def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None,
                         prune=True):
     """As forward_candidates, for the backward; `deterministic` keeps the two-pass ones only."""
     configs = [c for c in configs if not (deterministic and c.atomic_dq)]
-    return _fit(configs, _clamp_backward, _backward_cost, FALLBACK_BACKWARD,
+    return _fit(configs, _clamp_backward, _backward_cost, _BACKWARD_BUDGET, FALLBACK_BACKWARD,
                 n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)

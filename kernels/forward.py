@@ -19,8 +19,10 @@ import triton.language as tl
 
 __all__ = ["attention_forward_kernel", "launch_forward"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into the scale argument
+# Kernels may read module globals only when they are tl.constexpr.
+LOG2E_CONST = tl.constexpr(LOG2E)
+LN2_CONST = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -82,7 +84,7 @@ def attention_forward_kernel(
     out_ptrs = out_ptr + batch * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
     if pid_dv == 0:
-        lse = (m_i + tl.math.log2(l_i)) * LN2
+        lse = (m_i + tl.math.log2(l_i)) * LN2_CONST
         tl.store(lse_ptr + batch * stride_lb + offs_n * stride_ln, lse, mask=mask_n)
 
 
