@@ -19,10 +19,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from .configs import (
-    BACKWARD_CONFIGS, FIXED_BACKWARD, FIXED_FORWARD, FORWARD_CONFIGS, INTERPRETER_BACKWARD,
-    INTERPRETER_FORWARD, backward_candidates, forward_candidates,
-)
+from .configs import INTERPRETER_BACKWARD, INTERPRETER_FORWARD, backward_candidates, forward_candidates, tables
 from .forward import attention_forward_kernel
 
 __all__ = ["CONFIG_ENV_VAR", "interpreting", "forward_config", "backward_config", "tuned_configs"]
@@ -114,9 +111,10 @@ def forward_config(q, k, v, precision, run):
     if interpreting():
         return forward_candidates([INTERPRETER_FORWARD], *args, prune=False)[0]
     shared = _shared_bytes(q.device)
+    table, _, fixed_config, _ = tables(q.element_size())
     if fixed:
-        return forward_candidates([FIXED_FORWARD], *args, shared_bytes=shared)[0]
-    candidates = forward_candidates(FORWARD_CONFIGS, *args, shared_bytes=shared)
+        return forward_candidates([fixed_config], *args, shared_bytes=shared)[0]
+    candidates = forward_candidates(table, *args, shared_bytes=shared)
     return _pick(_key("forward", q, v, precision), candidates, run, q)
 
 
@@ -127,7 +125,8 @@ def backward_config(q, k, v, precision, run):
     if interpreting():
         return backward_candidates([INTERPRETER_BACKWARD], *args, prune=False)[0]
     shared = _shared_bytes(q.device)
+    _, table, _, fixed_config = tables(q.element_size())
     if fixed:
-        return backward_candidates([FIXED_BACKWARD], *args, shared_bytes=shared, deterministic=True)[0]
-    candidates = backward_candidates(BACKWARD_CONFIGS, *args, shared_bytes=shared)
+        return backward_candidates([fixed_config], *args, shared_bytes=shared, deterministic=True)[0]
+    candidates = backward_candidates(table, *args, shared_bytes=shared)
     return _pick(_key("backward", q, v, precision), candidates, run, q)

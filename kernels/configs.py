@@ -30,6 +30,11 @@ __all__ = [
     "BACKWARD_CONFIGS",
     "FIXED_FORWARD",
     "FIXED_BACKWARD",
+    "FORWARD_CONFIGS_FP32",
+    "BACKWARD_CONFIGS_FP32",
+    "FIXED_FORWARD_FP32",
+    "FIXED_BACKWARD_FP32",
+    "tables",
     "INTERPRETER_FORWARD",
     "INTERPRETER_BACKWARD",
     "DP_CHUNK",
@@ -76,10 +81,29 @@ BACKWARD_CONFIGS: tuple[BackwardConfig, ...] = (
     BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=3),
 )
 
+# fp32 inputs: with full-precision ("ieee") dots Triton multiplies on FMA units with operands in
+# registers, so the same tiles need about twice the registers. Offline compile (sm_90, d_qk 24,
+# d_v 96): forward 64x16/4w 182 regs and 128x16/8w 180 regs, no spill; 128x32/8w 254, no
+# spill. Every backward tile tried spilled (dK/dV 32x16/2w 408 B, 64x16/4w 790 B; dQ 64x32/4w
+# 560 B, 32x16/2w 712 B): these are the least-spilling ones. (TF32 dots use tensor cores and
+# fit like bf16, but the table cannot know the precision setting, so it serves both.)
+FORWARD_CONFIGS_FP32: tuple[ForwardConfig, ...] = (
+    ForwardConfig(128, 16, 128, num_warps=8, num_stages=2),
+    ForwardConfig(64, 16, 128, num_warps=4, num_stages=2),
+    ForwardConfig(128, 32, 128, num_warps=8, num_stages=3),
+)
+BACKWARD_CONFIGS_FP32: tuple[BackwardConfig, ...] = (
+    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2),
+    BackwardConfig(64, 16, 64, 32, 128, atomic_dq=False, num_warps=4, num_stages=1),
+    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=True, num_warps=2, num_stages=2),
+)
+
 # The fixed configuration (FASTATTN_TRITON_CONFIG=fixed, or torch deterministic algorithms on):
 # no autotuning and a two-pass backward, so repeated runs give bit-identical results.
 FIXED_FORWARD = ForwardConfig(64, 32, 128, num_warps=4, num_stages=2)
 FIXED_BACKWARD = BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=2)
+FIXED_FORWARD_FP32 = ForwardConfig(64, 16, 128, num_warps=4, num_stages=2)
+FIXED_BACKWARD_FP32 = BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2)
 
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest tiles tl.dot accepts keep
 # the CI tests fast, and block_dv=64 makes the tests' d_v in {96, 300} take the split paths.
@@ -95,7 +119,7 @@ FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warp
 # without spilling and the next larger ones spill. Shared memory when the device does not
 # report its own limit: 99 KiB (Ampere consumer parts).
 _FORWARD_BUDGET = 96
-_BACKWARD_BUDGET = 200
+_BACKWARD_BUDGET = 200  # fp16/bf16; fp32 backward tiles all spill a little, its table is vetted by hand
 _DEFAULT_SHARED_BYTES = 99 * 1024
 # tl.dot on NVIDIA gives each warp 16-row slices: a tile with fewer rows per warp replicates
 # work and, in the offline compile, always spilled.
@@ -103,6 +127,13 @@ _ROWS_PER_WARP = 16
 # Value channels per step of the dp = V^T dO loops when d_v is split (the dK launch and the
 # dQ kernel): 128 spilled at d_qk 64 / d_v 256 in the offline compile.
 DP_CHUNK = 64
+
+
+def tables(elem_bytes: int):
+    """(forward table, backward table, fixed forward, fixed backward) for an element size."""
+    if elem_bytes == 4:
+        return FORWARD_CONFIGS_FP32, BACKWARD_CONFIGS_FP32, FIXED_FORWARD_FP32, FIXED_BACKWARD_FP32
+    return FORWARD_CONFIGS, BACKWARD_CONFIGS, FIXED_FORWARD, FIXED_BACKWARD
 
 
 def _pow2(x: int) -> int:
@@ -130,9 +161,16 @@ def _clamp_forward(c, n, m, d_v):
 
 
 def _clamp_backward(c, n, m, d_v):
-    block_m, block_n_dq = _clamp(c.block_m, m), _clamp(c.block_n_dq, n)
+    block_m, block_n_dq, block_m_dq = _clamp(c.block_m, m), _clamp(c.block_n_dq, n), _clamp(c.block_m_dq, m)
+    if pad_width(d_v) > c.block_dv:
+        # split d_v: the dQ kernel's dp loop spilled at 128x32/4 warps (848 B) and 128x64/8 warps
+        # (184 B) and fit at 64x16/4 warps and 128x32/8 warps (offline compile, d_qk 64, d_v 256)
+        if c.num_warps < 8:
+            block_n_dq, block_m_dq = min(block_n_dq, 64), min(block_m_dq, 16)
+        else:
+            block_m_dq = min(block_m_dq, 32)
     return replace(c, block_m=block_m, block_n=_clamp(c.block_n, n), block_n_dq=block_n_dq,
-                   block_m_dq=_clamp(c.block_m_dq, m), block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
+                   block_m_dq=block_m_dq, block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
                    num_warps=_warps(c.num_warps, block_m, block_n_dq))
 
 
@@ -171,7 +209,7 @@ def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, sh
             while c.num_stages > 1 and cost(c, d_pad, dv_pad, elem_bytes)[1] > shared_bytes:
                 c = replace(c, num_stages=c.num_stages - 1)
             per_thread, smem = cost(c, d_pad, dv_pad, elem_bytes)
-            if per_thread > budget or smem > shared_bytes:
+            if (budget is not None and per_thread > budget) or smem > shared_bytes:
                 continue
         if c not in kept:
             kept.append(c)
@@ -190,5 +228,6 @@ def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None,
                         prune=True):
     """As forward_candidates, for the backward; `deterministic` keeps the two-pass ones only."""
     configs = [c for c in configs if not (deterministic and c.atomic_dq)]
-    return _fit(configs, _clamp_backward, _backward_cost, _BACKWARD_BUDGET, FALLBACK_BACKWARD,
+    budget = None if elem_bytes == 4 else _BACKWARD_BUDGET
+    return _fit(configs, _clamp_backward, _backward_cost, budget, FALLBACK_BACKWARD,
                 n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)

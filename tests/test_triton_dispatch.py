@@ -184,7 +184,8 @@ def test_fixed_configurations_survive_pruning_at_gan_sites(site):
 
     s = gan_shape(site)
     for elem_bytes in (2, 4):
-        fwd = cfg.forward_candidates([cfg.FIXED_FORWARD], s.N, s.M, s.d_qk, s.d_v, elem_bytes)
-        bwd = cfg.backward_candidates([cfg.FIXED_BACKWARD], s.N, s.M, s.d_qk, s.d_v, elem_bytes)
-        assert fwd[0].block_n == min(cfg.FIXED_FORWARD.block_n, s.N), fwd  # not the fallback
-        assert bwd[0].block_m == cfg.FIXED_BACKWARD.block_m, bwd
+        _, _, fixed_fwd, fixed_bwd = cfg.tables(elem_bytes)
+        fwd = cfg.forward_candidates([fixed_fwd], s.N, s.M, s.d_qk, s.d_v, elem_bytes)
+        bwd = cfg.backward_candidates([fixed_bwd], s.N, s.M, s.d_qk, s.d_v, elem_bytes)
+        assert fwd[0].block_n == min(fixed_fwd.block_n, s.N), fwd  # not the fallback
+        assert bwd[0].block_m == fixed_bwd.block_m, bwd
