@@ -119,7 +119,7 @@ FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warp
 # without spilling and the next larger ones spill. Shared memory when the device does not
 # report its own limit: 99 KiB (Ampere consumer parts).
 _FORWARD_BUDGET = 96
-_BACKWARD_BUDGET = 200  # fp16/bf16; fp32 backward tiles all spill a little, its table is vetted by hand
+_BACKWARD_BUDGET = 240  # fp16/bf16; fp32 backward tiles all spill a little, its table is vetted by hand
 _DEFAULT_SHARED_BYTES = 99 * 1024
 # tl.dot on NVIDIA gives each warp 16-row slices: a tile with fewer rows per warp replicates
 # work and, in the offline compile, always spilled.
@@ -162,16 +162,17 @@ def _clamp_forward(c, n, m, d_v):
 
 def _clamp_backward(c, n, m, d_v):
     block_m, block_n_dq, block_m_dq = _clamp(c.block_m, m), _clamp(c.block_n_dq, n), _clamp(c.block_m_dq, m)
+    num_warps = _warps(c.num_warps, block_m, block_n_dq)
     if pad_width(d_v) > c.block_dv:
         # split d_v: the dQ kernel's dp loop spilled at 128x32/4 warps (848 B) and 128x64/8 warps
         # (184 B) and fit at 64x16/4 warps and 128x32/8 warps (offline compile, d_qk 64, d_v 256)
-        if c.num_warps < 8:
+        if num_warps < 8:
             block_n_dq, block_m_dq = min(block_n_dq, 64), min(block_m_dq, 16)
         else:
             block_m_dq = min(block_m_dq, 32)
     return replace(c, block_m=block_m, block_n=_clamp(c.block_n, n), block_n_dq=block_n_dq,
                    block_m_dq=block_m_dq, block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
-                   num_warps=_warps(c.num_warps, block_m, block_n_dq))
+                   num_warps=_warps(num_warps, block_n_dq))
 
 
 def _forward_cost(c, d_pad, dv_pad, elem_bytes):
@@ -184,14 +185,17 @@ def _forward_cost(c, d_pad, dv_pad, elem_bytes):
 
 def _backward_cost(c, d_pad, dv_pad, elem_bytes):
     """As _forward_cost, for the dK/dV program (the larger of the backward's programs): four
-    (block_m, block_n) fp32 tiles (s, p, dp, ds), the fp32 dk/dv accumulators, the v tile held
-    when d_v is not split and the dO tile (input dtype), and the atomic dQ partial."""
+    (block_m, block_n) fp32 tiles (s, p, dp, ds), the fp32 dk/dv accumulators, the k, q, dO
+    tiles and the v tile held when d_v is not split (input dtype), and the atomic dQ partial.
+    On the 19 offline-compiled fp16/bf16 dK/dV variants every one costing <= 226 fit without
+    spilling (one spilled 16 B at 160) and every one costing >= 268 spilled 176-720 B."""
     fused = dv_pad <= c.block_dv
     dv = c.block_dv if fused else min(c.block_dv, DP_CHUNK)
     elements = (4 * c.block_m * c.block_n + c.block_m * (d_pad + dv)
-                + (c.block_m * dv if fused else 0) * elem_bytes // 4 + dv * c.block_n * elem_bytes // 4)
-    if c.atomic_dq:
-        elements += 2 * d_pad * c.block_n
+                + ((c.block_m * dv if fused else 0) + dv * c.block_n
+                   + c.block_m * d_pad + d_pad * c.block_n) * elem_bytes // 4)
+    if c.atomic_dq:  # the (d_pad, block_n) dQ partial and its atomic-add addressing
+        elements += 8 * d_pad * c.block_n
     smem = c.num_stages * c.block_n * (d_pad + dv) * elem_bytes
     return elements / (32 * c.num_warps), smem
 

@@ -26,6 +26,35 @@ LN2_CONST = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm, mask_d, mask_dv,
+                  qk_scale, BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One block of keys of the online softmax. Only the last, ragged block masks keys: the
+    full blocks skip the key mask on loads and logits."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASK_KEYS:
+        mask_m = offs_m < n_keys
+        k_mask = mask_d[:, None] & mask_m[None, :]
+        v_mask = mask_m[:, None] & mask_dv[None, :]
+    else:
+        k_mask = mask_d[:, None]
+        v_mask = mask_dv[None, :]
+    # k as (D_PAD, BLOCK_M) straight from the channel-major layout
+    k = tl.load(k_base + offs_m[None, :] * stride_km, mask=k_mask, other=0.0)
+    s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
+    if MASK_KEYS:
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # v as (BLOCK_M, BLOCK_DV): element (j, c) = v[b, c, j]
+    v = tl.load(v_base + offs_m[:, None] * stride_vm, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qd, stride_qn,
@@ -48,7 +77,6 @@ def attention_forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    offs_m0 = tl.arange(0, BLOCK_M)
     mask_n = offs_n < n_queries
     mask_d = offs_d < d_qk
     mask_dv = offs_dv < d_v
@@ -63,22 +91,13 @@ def attention_forward_kernel(
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    for start_m in range(0, n_keys, BLOCK_M):
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < n_keys
-        # k as (D_PAD, BLOCK_M) straight from the channel-major layout
-        k = tl.load(k_base + offs_m[None, :] * stride_km, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
-        s = tl.where(mask_m[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # v as (BLOCK_M, BLOCK_DV): element (j, c) = v[b, c, j]
-        v = tl.load(v_base + offs_m[:, None] * stride_vm, mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-        m_i = m_new
+    n_full = (n_keys // BLOCK_M) * BLOCK_M
+    for start_m in range(0, n_full, BLOCK_M):
+        acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm,
+                                      mask_d, mask_dv, qk_scale, BLOCK_M, False, INPUT_PRECISION)
+    if n_full < n_keys:
+        acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, n_full, n_keys, stride_km, stride_vm,
+                                      mask_d, mask_dv, qk_scale, BLOCK_M, True, INPUT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + batch * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :] * stride_od
