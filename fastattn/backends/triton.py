@@ -1,0 +1,90 @@
+"""The Triton backend: fused forward and backward kernels (kernels/, as fastattn.kernels).
+
+Triton is imported lazily, by the first check or call of this backend, never by `import fastattn`.
+On CPU tensors the kernels run in Triton's interpreter, which must have been switched on with
+TRITON_INTERPRET=1 before triton was first imported; that is correct but slow, so automatic
+choice never picks it: ask for backend="triton" explicitly.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Backend
+
+__all__ = ["TritonBackend", "MAX_D_QK", "MAX_D_V", "MAX_BATCH"]
+
+# Widest q/k channel count: d_qk is padded to a power of two and held in registers, and 256 is
+# the widest tile that still leaves room for the accumulators (C = 2048 channels at C // 8).
+MAX_D_QK = 256
+# Widest value channel count: wider values are split across programs, so this only bounds the
+# backward's dp loop and the launch grid; 8192 covers every GAN (C <= 2048) with a wide margin.
+MAX_D_V = 8192
+# The batch is grid axis 2, which CUDA limits to 65535 programs.
+MAX_BATCH = 65535
+_CPU_NEEDS_INTERPRETER = (
+    "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first imported "
+    "(or move the tensors to a CUDA device)"
+)
+
+
+def _interpreting() -> bool:
+    from ..kernels.autotune import interpreting
+
+    return interpreting()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 100
+
+    def unavailable(self) -> list[str]:
+        try:
+            import triton  # noqa: F401
+        except Exception as error:  # ImportError, or a broken install raising something else
+            return [f"triton is not importable ({type(error).__name__}: {error}); pip install triton"]
+        return []
+
+    def unsupported(self, q, k, v) -> list[str]:
+        reasons = []
+        batch, d_qk, _ = q.shape
+        d_v = v.shape[1]
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16 or float32); "
+                           "use backend='torch' for float64")
+        if d_qk > MAX_D_QK:
+            reasons.append(f"d_qk={d_qk} q/k channels is more than the kernels' maximum of {MAX_D_QK}")
+        if d_v > MAX_D_V:
+            reasons.append(f"d_v={d_v} value channels is more than the kernels' maximum of {MAX_D_V}")
+        if batch > MAX_BATCH:
+            reasons.append(f"batch size {batch} is more than the launch grid's maximum of {MAX_BATCH}")
+        device = q.device
+        if device.type == "cpu":
+            if not _interpreting():
+                reasons.append(_CPU_NEEDS_INTERPRETER)
+        elif device.type == "cuda":
+            if torch.version.cuda is not None:  # NVIDIA (ROCm builds report torch.version.hip)
+                major, minor = torch.cuda.get_device_capability(device)
+                if (major, minor) < (7, 5):
+                    reasons.append(f"CUDA compute capability {major}.{minor} is below the 7.5 Triton's tl.dot needs")
+                elif q.dtype == torch.bfloat16 and major < 8:
+                    reasons.append(f"bfloat16 needs CUDA compute capability 8.0 or newer, this device is {major}.{minor}")
+        else:
+            reasons.append(f"tensors on {device.type}: the kernels run on CUDA devices "
+                           "(or on CPU under TRITON_INTERPRET=1)")
+        if device.type == "cpu" and q.dtype == torch.bfloat16 and not reasons:
+            reasons.append("bfloat16 on CPU: Triton's interpreter cannot run bfloat16 tl.dot")
+        return reasons
+
+    def not_automatic(self, q, k, v) -> list[str]:
+        if q.device.type == "cpu":
+            return ["CPU tensors run in Triton's interpreter, which is correct but very slow: "
+                    "used only when backend='triton' is asked for"]
+        if _interpreting():
+            return ["TRITON_INTERPRET=1 is set, so the kernels would run in the slow interpreter: "
+                    "used only when backend='triton' is asked for"]
+        return []
+
+    def attention(self, q, k, v, scale):
+        from ..ops import attention
+
+        return attention(q, k, v, scale)

@@ -1,0 +1,142 @@
+"""The Triton kernels as torch.library operators, with fake implementations and autograd.
+
+    torch.ops.fastattn.attention_forward(q, k, v, scale, precision) -> (out, lse)
+    torch.ops.fastattn.attention_backward(grad_out, grad_lse, q, k, v, out, lse, scale, precision)
+        -> (dq, dk, dv)
+
+Registered with torch.library.triton_op where the installed torch has it (torch.compile then
+sees the Triton kernels themselves, and fullgraph compiles have no graph break), otherwise with
+torch.library.custom_op and an explicit fake implementation. Under Triton's interpreter
+(TRITON_INTERPRET=1, CPU tensors) custom_op is used as well: triton_op traces its body with
+wrap_triton, which accepts compiled kernels only.
+
+`precision` is tl.dot's input_precision for fp32 inputs ("ieee", "tf32" or "tf32x3"; ignored for
+fp16/bf16); `fp32_dot_precision()` derives it from PyTorch's matmul precision setting.
+This module imports triton; fastattn imports it only when the Triton backend runs.
+"""
+import torch
+from torch import Tensor
+from typing import Optional
+
+from .kernels.autotune import backward_config, forward_config, interpreting
+from .kernels.backward import launch_backward
+from .kernels.configs import pad_width
+from .kernels.forward import launch_forward
+
+__all__ = ["attention", "fp32_dot_precision", "attention_forward_op", "attention_backward_op", "USES_TRITON_OP"]
+
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+USES_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not interpreting()
+
+
+def _constant_under_compile(fn):
+    """torch.compile reads the setting once, when it traces (the settings' getters are C
+    functions dynamo cannot trace); eager calls read it every time."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
+def fp32_dot_precision() -> str:
+    """tl.dot precision for fp32 inputs that matches what PyTorch allows for fp32 matmuls:
+    TF32 only when PyTorch allows it (torch.backends.cuda.matmul.fp32_precision == "tf32", or,
+    where that is unset or absent, torch.get_float32_matmul_precision() != "highest",
+    which is what torch.backends.cuda.matmul.allow_tf32 = True sets); else full fp32."""
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if setting in ("ieee", "tf32"):
+        return setting
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _plain(kernel):
+    return kernel
+
+
+def _kernel_call():
+    return torch.library.wrap_triton if USES_TRITON_OP else _plain
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor]:
+    batch, d_qk, n_queries = q.shape
+    d_v = v.shape[1]
+    out = q.new_empty((batch, d_v, n_queries))
+    lse = q.new_empty((batch, n_queries), dtype=torch.float32)
+    if n_queries == 0:
+        return out, lse
+    d_pad = pad_width(d_qk)
+
+    def run(config):
+        launch_forward(_plain, q, k, v, out, lse, scale, precision, config, d_pad)
+
+    config = forward_config(q, k, v, precision, run)
+    launch_forward(_kernel_call(), q, k, v, out, lse, scale, precision, config, d_pad)
+    return out, lse
+
+
+def _backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+              lse: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    d_pad, dv_pad = pad_width(q.shape[1]), pad_width(v.shape[1])
+    args = (grad_out, grad_lse, q, k, v, out, lse, scale, precision)
+
+    def run(config):
+        launch_backward(_plain, *args, config, d_pad, dv_pad)
+
+    config = backward_config(q, k, v, precision, run)
+    return launch_backward(_kernel_call(), *args, config, d_pad, dv_pad)
+
+
+if USES_TRITON_OP:
+    attention_forward_op = torch.library.triton_op("fastattn::attention_forward", mutates_args=())(_forward)
+    attention_backward_op = torch.library.triton_op("fastattn::attention_backward", mutates_args=())(_backward)
+else:
+    attention_forward_op = torch.library.custom_op("fastattn::attention_forward", mutates_args=())(_forward)
+    attention_backward_op = torch.library.custom_op("fastattn::attention_backward", mutates_args=())(_backward)
+
+    @attention_forward_op.register_fake
+    def _forward_fake(q, k, v, scale, precision):
+        batch, _, n_queries = q.shape
+        return q.new_empty((batch, v.shape[1], n_queries)), q.new_empty((batch, n_queries), dtype=torch.float32)
+
+    @attention_backward_op.register_fake
+    def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, scale, precision):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, precision = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.precision = scale, precision
+
+
+def _attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)
+    return dq, dk, dv, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "the triton backend of fastattn has no double backward (create_graph=True, e.g. R1 or "
+        "gradient-penalty losses through attention): use spatial_attention(..., backend='torch')"
+    )
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
+attention_forward_op.register_autograd(_attention_grad, setup_context=_setup_context)
+attention_backward_op.register_autograd(_no_double_backward, setup_context=_no_double_backward_setup)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, precision: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Differentiable (out, lse) by the Triton kernels. Inputs are validated by the caller
+    (fastattn.functional); `precision` defaults to fp32_dot_precision() for fp32 inputs."""
+    if precision is None:
+        precision = fp32_dot_precision() if q.dtype == torch.float32 else "ieee"
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {list(_PRECISIONS)} or None, got {precision!r}")
+    return attention_forward_op(q, k, v, float(scale), precision)

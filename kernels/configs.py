@@ -1,0 +1,237 @@
+"""Launch configurations of the attention kernels, kept as data, and their pruning.
+
+Naming follows the kernels: N queries, M keys/values. The forward program owns `block_n`
+queries and `block_dv` value channels and walks over the keys `block_m` at a time. The
+backward dK/dV program owns `block_m` keys and walks over the queries `block_n` at a time; the
+two-pass dQ program owns `block_n_dq` queries and walks over the keys `block_m_dq` at a time.
+
+Provenance. Timing: NOT YET MEASURED (the session that wrote these kernels had no GPU); the
+GPU session should time every entry on the gan_shapes sites (the autotuner keeps the winners,
+`fastattn.kernels.autotune.tuned_configs()` shows them), drop entries that never win and record
+the numbers here. Register fit: MEASURED OFFLINE, by compiling every kernel variant for sm_90
+with Triton 3.9 and reading the cubin's resource usage (cuobjdump -res-usage; the same check
+runs in tests/test_triton_compile.py). At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
+  forward  128x64/8 warps 228 regs, 128x32/8w 175, 64x64/4w 226, 64x32/4w 186: no spills;
+           128x128/8w and 64x128/4w spill; in fp32 (FMA dots) only block_m <= 32 fits.
+  dK/dV    keys x query-step: 128x32/8w 220-246 regs and 64x32/4w 254 and 64x16/4w 232: no
+           spills; 64x64/4w (720 B), 32x*/4w (600-7800 B), 128x16/4w (176 B) spill, and a
+           tile with fewer than 16 rows per warp always spills.
+  dQ       128x32/4w 255 regs and 128x64/8w 222: no spills; 64x64/4w spills 144 B.
+The pruning rules below are calibrated on those numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = [
+    "ForwardConfig",
+    "BackwardConfig",
+    "FORWARD_CONFIGS",
+    "BACKWARD_CONFIGS",
+    "FIXED_FORWARD",
+    "FIXED_BACKWARD",
+    "FORWARD_CONFIGS_FP32",
+    "BACKWARD_CONFIGS_FP32",
+    "FIXED_FORWARD_FP32",
+    "FIXED_BACKWARD_FP32",
+    "tables",
+    "INTERPRETER_FORWARD",
+    "INTERPRETER_BACKWARD",
+    "DP_CHUNK",
+    "pad_width",
+    "forward_candidates",
+    "backward_candidates",
+]
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_n: int  # queries per program
+    block_m: int  # keys per inner step
+    block_dv: int  # value channels per program (d_v wider than this is split across programs)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    block_m: int  # keys per dK/dV program
+    block_n: int  # queries per inner step of the dK/dV program
+    block_n_dq: int  # queries per program of the two-pass dQ kernel
+    block_m_dq: int  # keys per inner step of the dQ kernel
+    block_dv: int  # d_v up to this is held whole in the dK/dV program; wider is split
+    atomic_dq: bool  # one pass with dQ accumulated by fp32 atomics (non-deterministic order)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+FORWARD_CONFIGS: tuple[ForwardConfig, ...] = (
+    ForwardConfig(128, 64, 128, num_warps=8, num_stages=3),
+    ForwardConfig(128, 32, 128, num_warps=8, num_stages=3),
+    ForwardConfig(64, 64, 128, num_warps=4, num_stages=3),
+    ForwardConfig(64, 32, 128, num_warps=4, num_stages=3),
+    ForwardConfig(64, 64, 64, num_warps=4, num_stages=3),  # wide d_v: more, narrower value splits
+)
+
+BACKWARD_CONFIGS: tuple[BackwardConfig, ...] = (
+    BackwardConfig(128, 32, 128, 64, 128, atomic_dq=True, num_warps=8, num_stages=2),
+    BackwardConfig(64, 16, 128, 32, 128, atomic_dq=True, num_warps=4, num_stages=3),
+    BackwardConfig(128, 32, 128, 64, 128, atomic_dq=False, num_warps=8, num_stages=2),
+    BackwardConfig(64, 32, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=2),
+    BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=3),
+)
+
+# fp32 inputs: with full-precision ("ieee") dots Triton multiplies on FMA units with operands in
+# registers, so the same tiles need about twice the registers. Offline compile (sm_90, d_qk 24,
+# d_v 96): forward 64x16/4w 182 regs and 128x16/8w 180 regs, no spill; 128x32/8w 254, no
+# spill. Every backward tile tried spilled (dK/dV 32x16/2w 408 B, 64x16/4w 790 B; dQ 64x32/4w
+# 560 B, 32x16/2w 712 B): these are the least-spilling ones. (TF32 dots use tensor cores and
+# fit like bf16, but the table cannot know the precision setting, so it serves both.)
+FORWARD_CONFIGS_FP32: tuple[ForwardConfig, ...] = (
+    ForwardConfig(128, 16, 128, num_warps=8, num_stages=2),
+    ForwardConfig(64, 16, 128, num_warps=4, num_stages=2),
+    ForwardConfig(128, 32, 128, num_warps=8, num_stages=3),
+)
+BACKWARD_CONFIGS_FP32: tuple[BackwardConfig, ...] = (
+    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2),
+    BackwardConfig(64, 16, 64, 32, 128, atomic_dq=False, num_warps=4, num_stages=1),
+    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=True, num_warps=2, num_stages=2),
+)
+
+# The fixed configuration (FASTATTN_TRITON_CONFIG=fixed, or torch deterministic algorithms on):
+# no autotuning and a two-pass backward, so repeated runs give bit-identical results.
+FIXED_FORWARD = ForwardConfig(64, 32, 128, num_warps=4, num_stages=2)
+FIXED_BACKWARD = BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=2)
+FIXED_FORWARD_FP32 = ForwardConfig(64, 16, 128, num_warps=4, num_stages=2)
+FIXED_BACKWARD_FP32 = BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2)
+
+# Under TRITON_INTERPRET=1 every program runs in numpy: the smallest tiles tl.dot accepts keep
+# the CI tests fast, and block_dv=64 makes the tests' d_v in {96, 300} take the split paths.
+INTERPRETER_FORWARD = ForwardConfig(16, 16, 64, num_warps=1, num_stages=1)
+INTERPRETER_BACKWARD = BackwardConfig(16, 16, 16, 16, 64, atomic_dq=False, num_warps=1, num_stages=1)
+
+# When pruning leaves nothing (d_qk near 256, fp32 with wide values): small tiles that fit.
+FALLBACK_FORWARD = ForwardConfig(64, 16, 64, num_warps=4, num_stages=1)
+FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warps=4, num_stages=1)
+
+# Budgets of the pruning rules (see _forward_cost / _backward_cost for what they count):
+# calibrated on the offline compile above, where configs up to these sizes fit 255 registers
+# without spilling and the next larger ones spill. Shared memory when the device does not
+# report its own limit: 99 KiB (Ampere consumer parts).
+_FORWARD_BUDGET = 96
+_BACKWARD_BUDGET = 240  # fp16/bf16; fp32 backward tiles all spill a little, its table is vetted by hand
+_DEFAULT_SHARED_BYTES = 99 * 1024
+# tl.dot on NVIDIA gives each warp 16-row slices: a tile with fewer rows per warp replicates
+# work and, in the offline compile, always spilled.
+_ROWS_PER_WARP = 16
+# Value channels per step of the dp = V^T dO loops when d_v is split (the dK launch and the
+# dQ kernel): 128 spilled at d_qk 64 / d_v 256 in the offline compile.
+DP_CHUNK = 64
+
+
+def tables(elem_bytes: int):
+    """(forward table, backward table, fixed forward, fixed backward) for an element size."""
+    if elem_bytes == 4:
+        return FORWARD_CONFIGS_FP32, BACKWARD_CONFIGS_FP32, FIXED_FORWARD_FP32, FIXED_BACKWARD_FP32
+    return FORWARD_CONFIGS, BACKWARD_CONFIGS, FIXED_FORWARD, FIXED_BACKWARD
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def pad_width(width: int) -> int:
+    """A channel width padded to a power of two >= 16 (tl.dot's smallest operand side)."""
+    return max(16, _pow2(int(width)))
+
+
+def _clamp(block: int, length: int) -> int:
+    """No wider than the (padded) length it tiles: larger tiles only add masked work."""
+    return max(16, min(block, _pow2(length)))
+
+
+def _warps(num_warps, *row_blocks):
+    return max(1, min(num_warps, *(rows // _ROWS_PER_WARP for rows in row_blocks)))
+
+
+def _clamp_forward(c, n, m, d_v):
+    block_n = _clamp(c.block_n, n)
+    return replace(c, block_n=block_n, block_m=_clamp(c.block_m, m),
+                   block_dv=min(pad_width(c.block_dv), pad_width(d_v)), num_warps=_warps(c.num_warps, block_n))
+
+
+def _clamp_backward(c, n, m, d_v):
+    block_m, block_n_dq, block_m_dq = _clamp(c.block_m, m), _clamp(c.block_n_dq, n), _clamp(c.block_m_dq, m)
+    num_warps = _warps(c.num_warps, block_m, block_n_dq)
+    if pad_width(d_v) > c.block_dv:
+        # split d_v: the dQ kernel's dp loop spilled at 128x32/4 warps (848 B) and 128x64/8 warps
+        # (184 B) and fit at 64x16/4 warps and 128x32/8 warps (offline compile, d_qk 64, d_v 256)
+        if num_warps < 8:
+            block_n_dq, block_m_dq = min(block_n_dq, 64), min(block_m_dq, 16)
+        else:
+            block_m_dq = min(block_m_dq, 32)
+    return replace(c, block_m=block_m, block_n=_clamp(c.block_n, n), block_n_dq=block_n_dq,
+                   block_m_dq=block_m_dq, block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
+                   num_warps=_warps(num_warps, block_n_dq))
+
+
+def _forward_cost(c, d_pad, dv_pad, elem_bytes):
+    """(register cost per thread, shared-memory bytes) of a forward program: the fp32
+    accumulator plus the logits tile, which costs twice as much for fp32 inputs (FMA dots)."""
+    cost = c.block_n * (c.block_dv + c.block_m * elem_bytes // 2) / (32 * c.num_warps)
+    smem = c.num_stages * c.block_m * (d_pad + c.block_dv) * elem_bytes + c.block_n * d_pad * elem_bytes
+    return cost, smem
+
+
+def _backward_cost(c, d_pad, dv_pad, elem_bytes):
+    """As _forward_cost, for the dK/dV program (the larger of the backward's programs): four
+    (block_m, block_n) fp32 tiles (s, p, dp, ds), the fp32 dk/dv accumulators, the k, q, dO
+    tiles and the v tile held when d_v is not split (input dtype), and the atomic dQ partial.
+    On the 19 offline-compiled fp16/bf16 dK/dV variants every one costing <= 226 fit without
+    spilling (one spilled 16 B at 160) and every one costing >= 268 spilled 176-720 B."""
+    fused = dv_pad <= c.block_dv
+    dv = c.block_dv if fused else min(c.block_dv, DP_CHUNK)
+    elements = (4 * c.block_m * c.block_n + c.block_m * (d_pad + dv)
+                + ((c.block_m * dv if fused else 0) + dv * c.block_n
+                   + c.block_m * d_pad + d_pad * c.block_n) * elem_bytes // 4)
+    if c.atomic_dq:  # the (d_pad, block_n) dQ partial and its atomic-add addressing
+        elements += 8 * d_pad * c.block_n
+    smem = c.num_stages * c.block_n * (d_pad + dv) * elem_bytes
+    return elements / (32 * c.num_warps), smem
+
+
+def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, shared_bytes, prune):
+    """Clamp each config to the shape, lower its pipeline depth until its tiles fit shared
+    memory, drop it if it would still spill registers or overflow, and deduplicate."""
+    shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
+    n, m, d_qk, d_v = int(n), int(m), int(d_qk), int(d_v)
+    d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
+    kept = []
+    for c in configs:
+        c = clamp(c, n, m, d_v)
+        if prune:
+            while c.num_stages > 1 and cost(c, d_pad, dv_pad, elem_bytes)[1] > shared_bytes:
+                c = replace(c, num_stages=c.num_stages - 1)
+            per_thread, smem = cost(c, d_pad, dv_pad, elem_bytes)
+            if (budget is not None and per_thread > budget) or smem > shared_bytes:
+                continue
+        if c not in kept:
+            kept.append(c)
+    return kept or [clamp(fallback, n, m, d_v)]
+
+
+def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, prune=True):
+    """The configurations worth timing for this shape: clamped to it, deduplicated, and pruned
+    of those that would spill registers or overflow shared memory (`prune=False`: clamp only,
+    for the interpreter, which has neither). Never empty: FALLBACK_FORWARD when all are pruned."""
+    return _fit(configs, _clamp_forward, _forward_cost, _FORWARD_BUDGET, FALLBACK_FORWARD,
+                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)
+
+
+def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, deterministic=False,
+                        prune=True):
+    """As forward_candidates, for the backward; `deterministic` keeps the two-pass ones only."""
+    configs = [c for c in configs if not (deterministic and c.atomic_dq)]
+    budget = None if elem_bytes == 4 else _BACKWARD_BUDGET
+    return _fit(configs, _clamp_backward, _backward_cost, budget, FALLBACK_BACKWARD,
+                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)

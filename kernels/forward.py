@@ -1,0 +1,127 @@
+"""Forward kernel: out (B, d_v, N) and the natural-log lse (B, N) of spatial attention.
+
+Layout: q (B, d_qk, N), k (B, d_qk, M), v (B, d_v, M) and out (B, d_v, N) are read and written
+through their strides, channel-major as 1x1 convolutions produce them (the contiguous axis is
+usually N or M, so tile loads are coalesced along it). No host-side transpose or copy.
+
+One program owns `BLOCK_N` queries and `BLOCK_DV` value channels of one batch element and
+walks over the keys `BLOCK_M` at a time with an online softmax in base 2: log2(e) is folded
+into the (runtime) scale, logits and statistics are fp32, and so is the output accumulator.
+d_qk is padded to a power of two >= 16 with masked loads (zero padding adds exact zeros to the
+dot products). d_v wider than BLOCK_DV is split across programs (grid axis 1); each recomputes
+QK^T, which is cheap because d_qk is small, instead of holding a huge accumulator. Only the
+first value split stores the lse, which every split computes identically.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["attention_forward_kernel", "launch_forward"]
+
+LOG2E = 1.4426950408889634  # host side: folded into the scale argument
+# Kernels may read module globals only when they are tl.constexpr.
+LOG2E_CONST = tl.constexpr(LOG2E)
+LN2_CONST = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm, mask_d, mask_dv,
+                  qk_scale, BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One block of keys of the online softmax. Only the last, ragged block masks keys: the
+    full blocks skip the key mask on loads and logits."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASK_KEYS:
+        mask_m = offs_m < n_keys
+        k_mask = mask_d[:, None] & mask_m[None, :]
+        v_mask = mask_m[:, None] & mask_dv[None, :]
+    else:
+        k_mask = mask_d[:, None]
+        v_mask = mask_dv[None, :]
+    # k as (D_PAD, BLOCK_M) straight from the channel-major layout
+    k = tl.load(k_base + offs_m[None, :] * stride_km, mask=k_mask, other=0.0)
+    s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
+    if MASK_KEYS:
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # v as (BLOCK_M, BLOCK_DV): element (j, c) = v[b, c, j]
+    v = tl.load(v_base + offs_m[:, None] * stride_vm, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qd, stride_qn,
+    stride_kb, stride_kd, stride_km,
+    stride_vb, stride_vd, stride_vm,
+    stride_ob, stride_od, stride_on,
+    stride_lb, stride_ln,
+    n_queries, n_keys, d_qk, d_v,
+    qk_scale,  # scale * log2(e), runtime
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < n_queries
+    mask_d = offs_d < d_qk
+    mask_dv = offs_dv < d_v
+
+    # q as (BLOCK_N, D_PAD): element (i, c) = q[b, c, i]
+    q_ptrs = q_ptr + batch * stride_qb + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    k_base = k_ptr + batch * stride_kb + offs_d[:, None] * stride_kd  # (D_PAD, 1)
+    v_base = v_ptr + batch * stride_vb + offs_dv[None, :] * stride_vd  # (1, BLOCK_DV)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    n_full = (n_keys // BLOCK_M) * BLOCK_M
+    for start_m in range(0, n_full, BLOCK_M):
+        acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm,
+                                      mask_d, mask_dv, qk_scale, BLOCK_M, False, INPUT_PRECISION)
+    if n_full < n_keys:
+        acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, n_full, n_keys, stride_km, stride_vm,
+                                      mask_d, mask_dv, qk_scale, BLOCK_M, True, INPUT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    out_ptrs = out_ptr + batch * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :] * stride_od
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
+    if pid_dv == 0:
+        lse = (m_i + tl.math.log2(l_i)) * LN2_CONST
+        tl.store(lse_ptr + batch * stride_lb + offs_n * stride_ln, lse, mask=mask_n)
+
+
+def launch_forward(kernel_call, q, k, v, out, lse, scale, precision, config, d_pad):
+    """Launch the forward on preallocated out/lse. `kernel_call(kernel)` returns something
+    indexable by a grid (the kernel itself, or torch.library.wrap_triton(kernel))."""
+    batch, d_qk, n_queries = q.shape
+    d_v, n_keys = v.shape[1], v.shape[2]
+    grid = (triton.cdiv(n_queries, config.block_n), triton.cdiv(d_v, config.block_dv), batch)
+    kernel_call(attention_forward_kernel)[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        n_queries, n_keys, d_qk, d_v,
+        float(scale) * LOG2E,
+        D_PAD=d_pad, BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_DV=config.block_dv,
+        INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+    )

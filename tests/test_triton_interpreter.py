@@ -1,0 +1,181 @@
+"""The Triton kernels on CPU under TRITON_INTERPRET=1 (set by conftest.py), against fp64.
+
+Accuracy rule (fastattn.constants): the kernel's error against an fp64 reference is at most
+ERROR_RATIO_OUT (out, lse) / ERROR_RATIO_GRAD (gradients) times the naive PyTorch path's error
+in the same dtype, plus ERROR_FLOOR. Shapes are small (every program runs in numpy) but cover
+d_qk in {3, 8, 10, 24}, d_v in {5, 40, 96, 300}, odd N, M != N, M = 1, M below the 16-key tile,
+and the strided views attention layers produce. bf16 is GPU-only: the interpreter cannot run
+bf16 tl.dot (tests/test_triton_gpu.py covers it).
+"""
+import dataclasses
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn import spatial_attention
+from fastattn.constants import ERROR_RATIO_GRAD, ERROR_RATIO_OUT
+from fastattn.reference import reference_attention
+from fastattn.testing import assert_close, describe_mismatch, error_bound, max_abs_error
+
+triton = pytest.importorskip("triton")
+from fastattn.kernels.autotune import interpreting  # noqa: E402
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 before triton is imported"),
+]
+
+SCALE = 0.75
+
+
+def _contiguous(batch, d_qk, n, m, d_v, dtype, gen):
+    q = torch.randn(batch, d_qk, n, generator=gen)
+    k = torch.randn(batch, d_qk, m, generator=gen)
+    v = torch.randn(batch, d_v, m, generator=gen)
+    return [t.to(dtype) for t in (q, k, v)]
+
+
+def _conv_views(batch, d_qk, n, m, d_v, dtype, gen):
+    """q and k as channel slices of one fused 1x1-conv output (batch stride != d*N), k and v
+    max-pooled 2x2 from odd-sized maps (floor), v from a channels_last map (token-major)."""
+    side = int(round(n ** 0.5))
+    assert side * side == n and (side // 2) ** 2 == m
+    x = torch.randn(batch, 2 * d_qk + 1, side, side, generator=gen).to(dtype)
+    q = x[:, :d_qk].flatten(2)
+    k = F.max_pool2d(x[:, d_qk:2 * d_qk].float(), 2).to(dtype).flatten(2)
+    xv = torch.randn(batch, d_v, side, side, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    v = F.max_pool2d(xv.float(), 2).to(dtype).contiguous(memory_format=torch.channels_last).flatten(2)
+    assert not q.is_contiguous() and v.stride(1) == 1
+    return q, k, v
+
+
+def _token_major(batch, d_qk, n, m, d_v, dtype, gen):
+    """Transposes of (B, tokens, channels) tensors, as transformer-style code holds them."""
+    q = torch.randn(batch, n, d_qk, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, m, d_qk, generator=gen).to(dtype).transpose(1, 2)
+    v = torch.randn(batch, m, d_v, generator=gen).to(dtype).transpose(1, 2)
+    return q, k, v
+
+
+# (id, maker, B, d_qk, N, M, d_v): chosen so the set covers every awkward case once or twice
+# while the whole file stays well under a minute on 2 cores. M = 40 takes full key tiles and a
+# ragged one, M in {1, 9} only a ragged one, M = 32 only full ones (16-key interpreter tiles).
+CASES = [
+    ("dqk10_dv96_oddN_M40", _contiguous, 2, 10, 63, 40, 96),
+    ("dqk3_dv5_M1", _contiguous, 1, 3, 17, 1, 5),
+    ("dqk24_dv300_M9_below_tile", _contiguous, 2, 24, 36, 9, 300),
+    ("dqk8_dv40_conv_pool_views", _conv_views, 2, 8, 49, 9, 40),
+    ("dqk10_dv40_token_major_M32_whole_tiles", _token_major, 1, 10, 30, 32, 40),
+]
+
+
+def _run(q, k, v, backend, grad_out, grad_lse):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if backend is None:
+        out, lse = reference_attention(*leaves, SCALE, return_lse=True)
+    else:
+        out, lse = spatial_attention(*leaves, scale=SCALE, backend=backend, return_lse=True)
+    torch.autograd.backward([out, lse], [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
+    return [out, lse] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_out_lse_and_gradients_within_accuracy_rule_of_fp64(case, dtype):
+    _, make, batch, d_qk, n, m, d_v = case
+    gen = torch.Generator().manual_seed(zlib.crc32(case[0].encode()))
+    q, k, v = make(batch, d_qk, n, m, d_v, dtype, gen)
+    grad_out = torch.randn(batch, d_v, n, generator=gen)
+    grad_lse = torch.randn(batch, n, generator=gen)
+
+    want = _run(q.double(), k.double(), v.double(), None, grad_out.double(), grad_lse.double())
+    naive = _run(q, k, v, None, grad_out, grad_lse)
+    got = _run(q, k, v, "triton", grad_out, grad_lse)
+
+    names = ["out", "lse", "dq", "dk", "dv"]
+    for name, g, nv, w, ratio in zip(names, got, naive, want, [ERROR_RATIO_OUT] * 2 + [ERROR_RATIO_GRAD] * 3):
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        assert g.dtype == (torch.float32 if name == "lse" else dtype), f"{name}: dtype {g.dtype}"
+        bound = error_bound(max_abs_error(nv, w), ratio, dtype)
+        err = max_abs_error(g, w)
+        assert err <= bound, (
+            f"{name}: error {err:.3g} against fp64 exceeds {ratio}x the naive {dtype} error "
+            f"({max_abs_error(nv, w):.3g}) + floor; {describe_mismatch(g, w, 0.0, 0.0, name)}"
+        )
+
+
+def test_fp16_large_logits_stay_finite_and_correct_where_naive_fp16_overflows():
+    gen = torch.Generator().manual_seed(7)
+    # |q.k| typically 1e4 to 3e4, the largest beyond 65504 (fp16 max), where the naive bmm overflows
+    q = (torch.randn(2, 8, 40, generator=gen) * 90).half()
+    k = (torch.randn(2, 8, 24, generator=gen) * 90).half()
+    v = torch.randn(2, 16, 24, generator=gen).half()
+    naive = reference_attention(q, k, v)
+    assert not naive.isfinite().all(), "the case must overflow the naive fp16 path to be a test"
+    out, lse = spatial_attention(q, k, v, backend="triton", return_lse=True)
+    want, want_lse = reference_attention(q.double(), k.double(), v.double(), return_lse=True)
+    assert out.isfinite().all() and lse.isfinite().all()
+    assert float(want_lse.abs().max()) > 1e4
+    assert_close(out, want, torch.float16, "out")
+    assert_close(lse, want_lse, torch.float32, "lse", rtol=1e-6)
+
+
+def test_scale_none_means_inverse_sqrt_d_qk_at_runtime():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _contiguous(1, 10, 20, 12, 16, torch.float32, gen)
+    out = spatial_attention(q, k, v, scale=None, backend="triton")
+    assert_close(out, reference_attention(q.double(), k.double(), v.double(), scale=10 ** -0.5), torch.float32)
+    # a different runtime scale gives the matching (different) answer from the same kernel
+    out2 = spatial_attention(q, k, v, scale=-2.0, backend="triton")
+    assert_close(out2, reference_attention(q.double(), k.double(), v.double(), scale=-2.0), torch.float32)
+
+
+def test_atomic_dq_backward_matches_two_pass_backward():
+    from fastattn.kernels.backward import launch_backward
+    from fastattn.kernels.configs import INTERPRETER_BACKWARD, pad_width
+    from fastattn.ops import attention
+
+    gen = torch.Generator().manual_seed(5)
+    for d_v in (40, 96):  # fused dK/dV, and d_v split across two launches
+        q, k, v = _contiguous(2, 10, 33, 20, d_v, torch.float32, gen)
+        out, lse = attention(q, k, v, SCALE)
+        grad_out, grad_lse = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+        results = []
+        for atomic in (False, True):
+            config = dataclasses.replace(INTERPRETER_BACKWARD, atomic_dq=atomic)
+            results.append(launch_backward(lambda f: f, grad_out, grad_lse, q, k, v, out, lse, SCALE, "ieee",
+                                           config, pad_width(10), pad_width(d_v)))
+        for name, two_pass, one_pass in zip(("dq", "dk", "dv"), *results):
+            assert_close(one_pass, two_pass, torch.float32, f"{name} (d_v={d_v})", atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_configuration_is_bitwise_deterministic():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = _contiguous(1, 8, 40, 24, 40, torch.float16, gen)
+    grad_out = torch.randn(1, 40, 40, generator=gen)
+    first = _run(q, k, v, "triton", grad_out, torch.zeros(1, 40))
+    second = _run(q, k, v, "triton", grad_out, torch.zeros(1, 40))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_zero_queries_give_empty_output_and_zero_key_gradients():
+    q = torch.randn(2, 8, 0, requires_grad=True)
+    k = torch.randn(2, 8, 5, requires_grad=True)
+    v = torch.randn(2, 16, 5, requires_grad=True)
+    out = spatial_attention(q, k, v, backend="triton")
+    assert out.shape == (2, 16, 0)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_double_backward_raises_and_names_the_torch_backend():
+    q, k, v = (torch.randn(1, 8, 10, requires_grad=True), torch.randn(1, 8, 6, requires_grad=True),
+               torch.randn(1, 16, 6, requires_grad=True))
+    out = spatial_attention(q, k, v, backend="triton")
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        dq.sum().backward()
+
