@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-repeats", type=_positive_int("--min-repeats"), default=3)
     p.add_argument("--min-time", type=_nonnegative_float("--min-time"), default=None,
                    help="keep repeating until this many seconds are spent (default 0.5 CPU, 0.2 CUDA)")
+    p.add_argument("--threads", type=_positive_int("--threads"),
+                   help="torch CPU threads (default: torch's default). On a CPU shared with other work, "
+                        "1 avoids threads waiting for each other at every op")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check against fp64")
@@ -194,7 +197,7 @@ def _run_provider(case, provider, inputs, reference, device, args, free_bytes) -
                 record["peak_bytes"] = measure.peak_bytes_cuda(setup, call, device)
             else:
                 record["peak_bytes"] = measure.peak_bytes_cpu(case.site, case.dtype, case.direction, provider,
-                                                              args.seed, SCALE)
+                                                              args.seed, SCALE, threads=torch.get_num_threads())
         except Exception as error:
             record["memory_error"] = f"{type(error).__name__}: {error}"
     return record
@@ -208,6 +211,8 @@ def run(args) -> tuple[dict, list[dict]]:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from . import measure
     from .presets import build_cases
     from .providers import default_providers
@@ -233,7 +238,7 @@ def run(args) -> tuple[dict, list[dict]]:
     if args.list:
         return env, [_record(c, p, status="listed") for c in cases for p in providers]
     if not args.no_memory and device.type == "cpu":
-        env["cpu_memory_noise_floor_bytes"] = measure.cpu_noise_floor()
+        env["cpu_memory_noise_floor_bytes"] = measure.cpu_noise_floor(threads=torch.get_num_threads())
     try:
         from tqdm import tqdm
     except ImportError:  # progress bar is optional

@@ -209,8 +209,10 @@ def _release_heap() -> None:
         pass
 
 
-def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float) -> None:
+def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
+               threads: int) -> None:
     try:
+        torch.set_num_threads(threads)
         try:
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD: big blocks mmapped, unmapped on free
@@ -250,11 +252,12 @@ def _context():
 
 
 def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
-                   timeout_s: float = 1800.0) -> int:
+                   threads: int | None = None, timeout_s: float = 1800.0) -> int:
     """Peak resident memory growth of one run in a fresh process; raises RuntimeError on failure."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_cpu_child, args=(child, site, dtype, direction, provider, seed, scale))
+    process = ctx.Process(target=_cpu_child, args=(child, site, dtype, direction, provider, seed, scale,
+                                                             threads or torch.get_num_threads()))
     process.start()
     child.close()
     try:
@@ -274,7 +277,7 @@ def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: 
     return int(value)
 
 
-def cpu_noise_floor(repeats: int = 5) -> int:
+def cpu_noise_floor(repeats: int = 5, threads: int | None = None) -> int:
     """Largest peak this method reports for a case that allocates ~1 KiB."""
     tiny = Site("noise_floor", 1, 16, 16, 8, 8, 1)
-    return max(peak_bytes_cpu(tiny, "float32", "fwd+bwd", "naive", seed=0, scale=1.0) for _ in range(repeats))
+    return max(peak_bytes_cpu(tiny, "float32", "fwd+bwd", "naive", 0, 1.0, threads) for _ in range(repeats))
