@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="OLD.json", help="print the change per case against this --json file")
     p.add_argument("--fail-on-regression", action="store_true",
                    help="with --compare: exit 1 on any significant slowdown or newly failing case")
+    p.add_argument("--regression-ratio", type=float, default=None, metavar="R",
+                   help="with --compare: a slowdown counts when the median grew more than R times and the "
+                        "interquartile ranges do not overlap (default BENCH_REGRESSION_RATIO in "
+                        "fastattn/constants.py; re-derive it for your machine with benchmarks/measure_noise.py)")
     p.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -122,6 +126,8 @@ def parse_args(argv: list[str]):
             parser.error(str(error))
     if args.fail_on_regression and not args.compare:
         parser.error("--fail-on-regression needs --compare OLD.json (the run to compare against)")
+    if args.regression_ratio is not None and not args.regression_ratio >= 1.0:
+        parser.error(f"--regression-ratio must be a number >= 1 (a slowdown factor), got {args.regression_ratio}")
     if args.min_repeats and args.repeats and args.min_repeats > args.repeats:
         parser.error(f"--min-repeats ({args.min_repeats}) must not exceed --repeats ({args.repeats})")
     if args.compare:
@@ -317,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
     status = 0
     if args.compare:
-        table, regressions = report.compare(args.old, records)
+        from ..constants import BENCH_REGRESSION_RATIO
+
+        ratio = args.regression_ratio or BENCH_REGRESSION_RATIO
+        table, regressions = report.compare(args.old, records, ratio)
         print(f"\nchange against {args.compare}:")
         print(table)
         if regressions:

@@ -18,7 +18,7 @@ from ..testing import error_bound
 from .presets import DTYPES
 
 __all__ = ["environment", "add_derived", "markdown_table", "write_json", "load_json", "compare",
-           "machine_line", "record_key"]
+           "machine_line", "record_key", "is_slower"]
 
 RECORD_KEY_FIELDS = ("shape", "B", "N", "M", "d_qk", "d_v", "dtype", "direction", "provider")
 
@@ -218,17 +218,13 @@ def load_json(path: str | os.PathLike) -> dict:
     return data
 
 
-def _is_slower(new: dict, old: dict) -> bool:
-    """Significant slowdown: the median grew past BENCH_REGRESSION_RATIO and the interquartile
-    ranges do not overlap (the new run's fast quarter is slower than the old run's slow quarter)."""
-    return new["median_s"] > BENCH_REGRESSION_RATIO * old["median_s"] and new["q25_s"] > old["q75_s"]
+def is_slower(new: dict, old: dict, ratio: float = BENCH_REGRESSION_RATIO) -> bool:
+    """Significant slowdown: the median grew past `ratio` and the interquartile ranges do not
+    overlap (the new run's fast quarter is slower than the old run's slow quarter)."""
+    return new["median_s"] > ratio * old["median_s"] and new["q25_s"] > old["q75_s"]
 
 
-def _is_faster(new: dict, old: dict) -> bool:
-    return old["median_s"] > BENCH_REGRESSION_RATIO * new["median_s"] and old["q25_s"] > new["q75_s"]
-
-
-def compare(old: dict, records: list[dict]) -> tuple[str, list[str]]:
+def compare(old: dict, records: list[dict], ratio: float = BENCH_REGRESSION_RATIO) -> tuple[str, list[str]]:
     """(markdown table of the change per case, list of regressions). A regression is a
     significant slowdown, a case that ran before and no longer runs, or a match that went from OK
     to FAIL. Every one counts."""
@@ -253,10 +249,10 @@ def compare(old: dict, records: list[dict]) -> tuple[str, list[str]]:
             old_ms, new_ms = f"{1e3 * o['median_s']:.3g}", f"{1e3 * r['median_s']:.3g}"
             change = f"{100 * (r['median_s'] / o['median_s'] - 1):+.0f}%"
             verdict = "same (within noise)"
-            if _is_slower(r, o):
-                verdict = f"REGRESSION: slower by more than {100 * (BENCH_REGRESSION_RATIO - 1):.0f}%"
+            if is_slower(r, o, ratio):
+                verdict = f"REGRESSION: slower by more than {100 * (ratio - 1):.0f}%"
                 regressions.append(f"{name}: {change} ({old_ms} ms -> {new_ms} ms)")
-            elif _is_faster(r, o):
+            elif is_slower(o, r, ratio):
                 verdict = "faster"
             if (o.get("match") or "").startswith("OK") and r.get("match") == "FAIL":
                 verdict += "; REGRESSION: match OK -> FAIL"
