@@ -6,6 +6,7 @@ the library's own error or warnings), never silently replaced by another impleme
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Callable
 
@@ -22,7 +23,10 @@ __all__ = ["ALL_PROVIDERS", "NotSupported", "default_providers", "make_provider"
 # sdpa: PyTorch's own dispatch; sdpa-<backend>: one SDPA backend forced via sdpa_kernel.
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
-ALL_PROVIDERS = ("naive", "sdpa", *SDPA_BACKENDS, "fastattn-torch", "fastattn-triton", "naive-compile")
+# <sdpa name>+copy: SDPA on token-major contiguous copies (the copies are timed too). The fused SDPA
+# kernels want the last dimension contiguous, which the channel-major views are not.
+SDPA_COPY = tuple(f"{name}+copy" for name in ("sdpa", *SDPA_BACKENDS))
+ALL_PROVIDERS = ("naive", "sdpa", *SDPA_BACKENDS, *SDPA_COPY, "fastattn-torch", "fastattn-triton", "naive-compile")
 # Providers that materialise the (B, N, M) matrices, so the memory budget applies to them.
 _MATERIALISING = ("naive", "naive-compile", "sdpa-math")
 
@@ -37,7 +41,8 @@ def default_providers(device: torch.device) -> list[str]:
     """What runs when --provider is not given. On CPU, Triton only runs interpreted (slow, and not
     for automatic use) and torch.compile's C++ build takes minutes: both only on request."""
     if device.type == "cuda":
-        return ["naive", *SDPA_BACKENDS, "fastattn-torch", "fastattn-triton", "naive-compile"]
+        return ["naive", *SDPA_BACKENDS, "sdpa-efficient+copy", "sdpa-cudnn+copy", "fastattn-torch",
+                "fastattn-triton", "naive-compile"]
     return ["naive", "sdpa", "fastattn-torch"]
 
 
@@ -50,22 +55,25 @@ def skip_reason(provider: str, case: Case, device: torch.device, free_bytes: int
         if need > budget:
             return (f"its ({s.B}, {s.N}, {s.M}) attention matrices need ~{need / 2**30:.1f} GiB, over the "
                     f"budget of {budget / 2**30:.1f} GiB (BENCH_MEMORY_FRACTION of free memory); lower --batch")
-    if provider.startswith("sdpa-") and device.type != "cuda" and provider not in ("sdpa-math", "sdpa-flash"):
-        return f"SDPA backend {SDPA_BACKENDS[provider]} runs on CUDA only, this device is {device.type}"
+    base = provider.removesuffix("+copy")
+    if base.startswith("sdpa-") and device.type != "cuda" and base not in ("sdpa-math", "sdpa-flash"):
+        return f"SDPA backend {SDPA_BACKENDS[base]} runs on CUDA only, this device is {device.type}"
     return None
 
 
-def _to_token_major(t: Tensor) -> Tensor:
-    # (B, d, L) -> (B, 1, L, d) as a view: SDPA's fused kernels want a heads dimension.
-    return t.transpose(1, 2).unsqueeze(1)
+def _to_token_major(t: Tensor, copy: bool) -> Tensor:
+    # (B, d, L) -> (B, 1, L, d), a view unless `copy`: SDPA's fused kernels want a heads dimension.
+    t = t.transpose(1, 2).unsqueeze(1)
+    return t.contiguous() if copy else t
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    out = F.scaled_dot_product_attention(_to_token_major(q), _to_token_major(k), _to_token_major(v), scale=scale)
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, copy: bool = False) -> Tensor:
+    q, k, v = (_to_token_major(t, copy) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.squeeze(1).transpose(1, 2)  # (B, d_v, N), a view
 
 
-def _sdpa_forced(backend_name: str) -> Fn:
+def _sdpa_forced(backend_name: str, copy: bool) -> Fn:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError as error:  # older torch
@@ -79,9 +87,10 @@ def _sdpa_forced(backend_name: str) -> Fn:
             warnings.simplefilter("always")
             try:
                 with sdpa_kernel([backend]):
-                    return _sdpa(q, k, v, scale)
+                    return _sdpa(q, k, v, scale, copy)
             except RuntimeError as error:
-                why = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+                why = [re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(w.message)).strip()
+                       for w in caught if issubclass(w.category, UserWarning)]
                 raise NotSupported("; ".join(why + [str(error).splitlines()[0]])) from error
     return run
 
@@ -120,10 +129,12 @@ def make_provider(name: str) -> Fn:
     """The callable for one provider; raises NotSupported when it cannot be built here."""
     if name == "naive":
         return lambda q, k, v, scale: reference_attention(q, k, v, scale)
-    if name == "sdpa":
-        return _sdpa
-    if name in SDPA_BACKENDS:
-        return _sdpa_forced(SDPA_BACKENDS[name])
+    copy = name.endswith("+copy")
+    base = name.removesuffix("+copy")
+    if base == "sdpa":
+        return lambda q, k, v, scale: _sdpa(q, k, v, scale, copy)
+    if base in SDPA_BACKENDS:
+        return _sdpa_forced(SDPA_BACKENDS[base], copy)
     if name == "fastattn-torch":
         return _fastattn("torch")
     if name == "fastattn-triton":
