@@ -21,11 +21,11 @@ from fastattn.bench.report import record_key
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    own, _, bench_argv = " ".join(argv).partition(" -- ") if " -- " in " ".join(argv) else (" ".join(argv), "", "")
-    args = parser.parse_args(own.split())
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, bench_argv = parser.parse_args(argv[:split]), argv[split + 1:]
     runs = []
     for i in range(args.runs):
-        bench_args = parse_args(bench_argv.split() + ["--no-progress"])
+        bench_args = parse_args(bench_argv + ["--no-progress"])
         env, records = run(bench_args)
         runs.append({record_key(r): r for r in records if r["status"] == "ok"})
         print(f"run {i + 1}/{args.runs} done ({len(runs[-1])} cases)", file=sys.stderr)

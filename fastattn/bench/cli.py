@@ -234,7 +234,10 @@ def run(args) -> tuple[dict, list[dict]]:
                                 args.batch, args.custom)
     providers = args.provider or default_providers(device)
     env = environment(device)
-    env.update(preset=preset, providers=providers, scale=SCALE, seed=args.seed,
+    from .presets import over_cpu_work_cap
+
+    left_out = over_cpu_work_cap() if preset == "gan" and device.type == "cpu" and not args.shape else []
+    env.update(preset=preset, providers=providers, scale=SCALE, seed=args.seed, left_out=left_out,
                free_memory_bytes_at_start=free_bytes,
                timing=("CUDA events, L2 flushed" if device.type == "cuda" else "time.perf_counter")
                + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s; 1 warm-up",
@@ -281,6 +284,8 @@ def _print_header(env: dict, records: list[dict]) -> None:
     from .report import machine_line
 
     print(f"fastattn bench, preset {env['preset']}: {machine_line(env)}")
+    if env["preset"] == "gan" and env["device_type"] == "cpu" and env.get("left_out"):
+        print(f"  left out on CPU (B=1 is over the CPU work cap; see --preset stress): {', '.join(env['left_out'])}")
     notes = sorted({f"{r['shape']}: {r['batch_note']}" for r in records if r.get("batch_note")})
     for note in notes:
         print(f"  batch {note}")
