@@ -36,3 +36,23 @@ ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, t
 # their provenance there: their register fit was measured by compiling for sm_90/sm_80 without a
 # GPU (tests/test_triton_compile.py); their timing awaits a GPU run. The Triton backend adds no
 # tolerance: its tests use the accuracy rule above.
+
+# --- benchmarks (fastattn bench) ------------------------------------------------------------
+# Fraction of the device's free memory (CUDA: free device memory; CPU: MemAvailable) that the
+# naive path's (B, N, M) matrices may take when a preset scales a config's batch size down.
+# Half leaves room for the inputs, the other providers' buffers and whatever else runs.
+BENCH_MEMORY_FRACTION = 0.5
+# CPU only: the `gan` preset also caps the batch so that one naive forward+backward is at most
+# this many matmul FLOPs (~1-2 s on the 2-core dev machine, which sustains ~10-20 GFLOP/s in fp32
+# bmm while shared), so the preset ends in minutes rather than hours.
+BENCH_CPU_WORK_CAP_FLOP = 20 * 10**9
+# No-overlap time bound per SM, by CUDA compute capability (the `% bound` column of fastattn
+# bench): dense fp16/bf16 tensor-core FLOP per clock per SM and exp2 per clock per SM.
+# Hopper (9.0): 989.4 TFLOP/s dense bf16 on H100 SXM = 132 SMs x 1.83 GHz x 4096.
+# Ampere A100 (8.0): 312 TFLOP/s = 108 SMs x 1.41 GHz x 2048. Both: 16 MUFU exp2 per clock per SM.
+# Other architectures get no bound (the column says "-") rather than a guessed one.
+BOUND_FLOP_PER_CLOCK_PER_SM = {"9.0": 4096, "8.0": 2048}
+BOUND_EXP2_PER_CLOCK_PER_SM = 16
+# `fastattn bench --compare`: a case is significantly slower when its median grew by more than
+# this factor AND its interquartile range no longer overlaps the old one (new q25 > old q75).
+BENCH_REGRESSION_RATIO = 1.25

@@ -1,0 +1,343 @@
+"""Argument parsing and the run loop of `fastattn bench`."""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PRESETS
+
+__all__ = ["main", "parse_args", "run"]
+
+SCALE = 1.0  # GAN attention layers do not scale their logits
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+    return parse
+
+
+def _nonnegative_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds, got {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0 seconds, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .providers import ALL_PROVIDERS
+
+    p = argparse.ArgumentParser(
+        prog="fastattn bench",
+        description="Benchmark naive attention, SDPA and fastattn on the attention sites of GAN configs "
+                    "(time, peak memory, speedup, accuracy against an fp64 reference).")
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="default: `gan` on CUDA, `quick` on CPU. quick: three small sites, B=1 (CI-sized). "
+                        "gan: every site, batch scaled to the device. stress: the high-resolution sites, B=1.")
+    p.add_argument("--shape", action="append", metavar="ID[,ID]",
+                   help="only these site ids from gan_shapes.json (may name sites outside the preset)")
+    p.add_argument("--custom", metavar="N=..,M=..,d_qk=..,d_v=..[,B=..]",
+                   help="one custom site instead of the preset's sites")
+    p.add_argument("--dtype", action="append", metavar="DTYPE[,DTYPE]",
+                   help=f"{', '.join(DTYPES)} (default: float32 on CPU, bfloat16 and float16 on CUDA)")
+    p.add_argument("--direction", action="append", metavar="DIR[,DIR]",
+                   help=f"{', '.join(DIRECTIONS)}; fwd is an inference forward, bwd the backward alone")
+    p.add_argument("--provider", action="append", metavar="NAME[,NAME]",
+                   help=f"{', '.join(ALL_PROVIDERS)} (default on CPU: naive, sdpa, fastattn-torch; "
+                        "on CUDA: all)")
+    p.add_argument("--batch", type=_positive_int("--batch"), help="use this batch size for every site")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--repeats", type=_positive_int("--repeats"), default=None,
+                   help="most timed repeats per case (default 10 on CPU, 100 on CUDA)")
+    p.add_argument("--min-repeats", type=_positive_int("--min-repeats"), default=3)
+    p.add_argument("--min-time", type=_nonnegative_float("--min-time"), default=None,
+                   help="keep repeating until this many seconds are spent (default 0.5 CPU, 0.2 CUDA)")
+    p.add_argument("--threads", type=_positive_int("--threads"),
+                   help="torch CPU threads (default: torch's default). On a CPU shared with other work, "
+                        "1 avoids threads waiting for each other at every op")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-check", action="store_true", help="skip the accuracy check against fp64")
+    p.add_argument("--json", metavar="PATH", help='write {"env": ..., "records": [...]} here')
+    p.add_argument("--markdown", metavar="PATH", help="write the README's table (machine named) here")
+    p.add_argument("--plots", metavar="DIR", help="write time/memory-vs-N and speedup PNGs here")
+    p.add_argument("--compare", metavar="OLD.json", help="print the change per case against this --json file")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="with --compare: exit 1 on any significant slowdown or newly failing case")
+    p.add_argument("--regression-ratio", type=float, default=None, metavar="R",
+                   help="with --compare: a slowdown counts when the median grew more than R times and the "
+                        "interquartile ranges do not overlap (default BENCH_REGRESSION_RATIO in "
+                        "fastattn/constants.py; re-derive it for your machine with benchmarks/measure_noise.py)")
+    p.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def parse_args(argv: list[str]):
+    """Parsed and checked arguments; exits with status 2 and a message naming the argument."""
+    from .presets import parse_custom
+    from .providers import ALL_PROVIDERS
+    from ..shapes import gan_shapes
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.shape, args.dtype = _split(args.shape), _split(args.dtype)
+    args.direction, args.provider = _split(args.direction), _split(args.provider)
+    known_ids = [s.id for s in gan_shapes()]
+    for shape_id in args.shape or []:
+        if shape_id not in known_ids:
+            parser.error(f"--shape must name sites from gan_shapes.json ({', '.join(known_ids)}), got {shape_id!r}")
+    if args.dtype:
+        args.dtype = [DTYPE_ALIASES.get(d, d) for d in args.dtype]
+        for dtype in args.dtype:
+            if dtype not in DTYPES:
+                parser.error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for direction in args.direction or []:
+        if direction not in DIRECTIONS:
+            parser.error(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    for provider in args.provider or []:
+        if provider not in ALL_PROVIDERS:
+            parser.error(f"--provider must be one of {', '.join(ALL_PROVIDERS)}, got {provider!r}")
+    if args.custom is not None:
+        if args.shape:
+            parser.error("--custom and --shape cannot be combined: --custom replaces the preset's sites")
+        try:
+            args.custom = parse_custom(args.custom)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.fail_on_regression and not args.compare:
+        parser.error("--fail-on-regression needs --compare OLD.json (the run to compare against)")
+    if args.regression_ratio is not None and not args.regression_ratio >= 1.0:
+        parser.error(f"--regression-ratio must be a number >= 1 (a slowdown factor), got {args.regression_ratio}")
+    if args.min_repeats and args.repeats and args.min_repeats > args.repeats:
+        parser.error(f"--min-repeats ({args.min_repeats}) must not exceed --repeats ({args.repeats})")
+    if args.compare:
+        from .report import load_json
+
+        try:
+            args.old = load_json(args.compare)
+        except ValueError as error:
+            parser.error(str(error))
+    return args
+
+
+def _device(choice: str):
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastattn bench: error: --device cuda was requested but torch.cuda.is_available() is False")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice, 0) if choice == "cuda" else torch.device("cpu")
+
+
+def _free_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 2**30
+
+
+def _record(case, provider: str, **fields) -> dict:
+    s = case.site
+    record = {"shape": s.id, "B": s.B, "N": s.N, "M": s.M, "d_qk": s.d_qk, "d_v": s.d_v,
+              "config_B": s.config_B, "batch_note": s.batch_note, "dtype": case.dtype,
+              "direction": case.direction, "provider": provider, "status": "ok", "reason": None,
+              "median_s": None, "q25_s": None, "q75_s": None, "n_repeats": 0, "peak_bytes": None,
+              "max_err": None, "match": None, "flops": case.flops()}
+    record.update(fields)
+    return record
+
+
+def _run_provider(case, provider, inputs, reference, device, args, free_bytes) -> dict:
+    import torch
+
+    from . import measure
+    from .providers import NotSupported, make_provider, skip_reason
+
+    why = skip_reason(provider, case, device, free_bytes)
+    if why:
+        return _record(case, provider, status="not supported", reason=why)
+    try:
+        fn = make_provider(provider)
+        setup, call = measure.make_call(fn, case.direction, inputs, SCALE)
+        timing, first = measure.time_call(setup, call, device, args.min_time, args.min_repeats, args.repeats)
+    except NotSupported as error:
+        return _record(case, provider, status="not supported", reason=str(error))
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        return _record(case, provider, status="error", reason=f"out of memory: {str(error).splitlines()[0]}")
+    except Exception as error:
+        return _record(case, provider, status="error", reason=f"{type(error).__name__}: {error}")
+    record = _record(case, provider, median_s=timing.median_s, q25_s=timing.q25_s, q75_s=timing.q75_s,
+                     n_repeats=timing.n_repeats)
+    if reference is not None:
+        record.update(measure.accuracy(first, reference, case.direction, case.dtype))
+    del first
+    if not args.no_memory:
+        try:
+            if device.type == "cuda":
+                record["peak_bytes"] = measure.peak_bytes_cuda(setup, call, device)
+            else:
+                record["peak_bytes"] = measure.peak_bytes_cpu(case.site, case.dtype, case.direction, provider,
+                                                              args.seed, SCALE, threads=torch.get_num_threads())
+        except Exception as error:
+            record["memory_error"] = f"{type(error).__name__}: {error}"
+    return record
+
+
+def run(args) -> tuple[dict, list[dict]]:
+    """Run every (case, provider); returns (env, records)."""
+    device = _device(args.device)
+    if device.type == "cpu" and "fastattn-triton" in (args.provider or []):
+        # Triton runs on CPU tensors only under its interpreter, set before triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from . import measure
+    from .presets import build_cases
+    from .providers import default_providers
+    from .report import environment
+
+    if args.repeats is None:
+        args.repeats = 100 if device.type == "cuda" else 10
+    args.min_repeats = min(args.min_repeats, args.repeats)
+    if args.min_time is None:
+        args.min_time = 0.2 if device.type == "cuda" else 0.5
+    free_bytes = _free_bytes(device)
+    cases, preset = build_cases(args.preset, device, free_bytes, args.shape, args.dtype, args.direction,
+                                args.batch, args.custom)
+    providers = args.provider or default_providers(device)
+    env = environment(device)
+    from .presets import over_cpu_work_cap
+
+    left_out = over_cpu_work_cap() if preset == "gan" and device.type == "cpu" and not args.shape else []
+    env.update(preset=preset, providers=providers, scale=SCALE, seed=args.seed, left_out=left_out,
+               free_memory_bytes_at_start=free_bytes,
+               timing=("CUDA events, L2 flushed" if device.type == "cuda" else "time.perf_counter")
+               + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s; 1 warm-up",
+               memory_method=None if args.no_memory else (
+                   "torch.cuda.max_memory_allocated beyond the inputs" if device.type == "cuda"
+                   else "VmHWM - VmRSS in a fresh forked process, after a warm-up run"))
+    if args.list:
+        return env, [_record(c, p, status="listed") for c in cases for p in providers]
+    if not args.no_memory and device.type == "cpu":
+        env["cpu_memory_noise_floor_bytes"] = measure.cpu_noise_floor(threads=torch.get_num_threads())
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bar is optional
+        tqdm = None
+    total = len(cases) * len(providers)
+    bar = tqdm(total=total, file=sys.stderr, disable=args.no_progress, unit="case") if tqdm else None
+    records, reference_cache = [], {}
+    for case in cases:
+        inputs = measure.make_inputs(case.site, case.dtype, device, args.seed)
+        reference = None
+        if not args.no_check:
+            key = (case.site, case.dtype)
+            if key not in reference_cache:
+                reference_cache.clear()  # cases of one site and dtype are consecutive
+                need_grads = any(c.direction != "fwd" for c in cases if (c.site, c.dtype) == key)
+                reference_cache[key] = measure.reference_results(inputs, SCALE, need_grads)
+            reference = reference_cache[key]
+        for provider in providers:
+            if bar is not None:
+                bar.set_description(f"{case.site.id} {case.dtype} {case.direction} {provider}")
+            records.append(_run_provider(case, provider, inputs, reference, device, args, free_bytes))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if bar is not None:
+                bar.update()
+        del inputs, reference
+    if bar is not None:
+        bar.close()
+    return env, records
+
+
+def _print_header(env: dict, records: list[dict]) -> None:
+    from .report import machine_line
+
+    print(f"fastattn bench, preset {env['preset']}: {machine_line(env)}")
+    if env["preset"] == "gan" and env["device_type"] == "cpu" and env.get("left_out"):
+        print(f"  left out on CPU (B=1 is over the CPU work cap; see --preset stress): {', '.join(env['left_out'])}")
+    notes = sorted({f"{r['shape']}: {r['batch_note']}" for r in records if r.get("batch_note")})
+    for note in notes:
+        print(f"  batch {note}")
+    if env.get("cpu_memory_noise_floor_bytes") is not None:
+        print(f"  peak memory: {env['memory_method']}; noise floor {env['cpu_memory_noise_floor_bytes'] / 2**10:.0f} KiB")
+    print("  speedup = naive time / provider time; mem ratio = naive peak / provider peak; "
+          "max err: vs fp64 fastattn.reference; match: output within fastattn.constants.TOLERANCES, "
+          "gradients within them or within ERROR_RATIO_GRAD x naive's gradient error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import report
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    env, records = run(args)
+    if args.list:
+        for r in records:
+            print(f"{r['shape']} B={r['B']} {r['dtype']} {r['direction']} {r['provider']}"
+                  + (f"  [{r['batch_note']}]" if r["batch_note"] else ""))
+        return 0
+    report.add_derived(records, env)
+    _print_header(env, records)
+    print(report.markdown_table(records, env))
+    if args.json:
+        report.write_json(args.json, env, records)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(
+            f"Machine: {report.machine_line(env)}; {env['date']}, fastattn {env['fastattn']} "
+            f"({env.get('git_commit')}), preset {env['preset']}.\n\n"
+            + report.markdown_table(records, env, compact=True) + "\n")
+        print(f"wrote {args.markdown}")
+    if args.plots:
+        from .plots import write_plots
+
+        for path in write_plots(records, env, args.plots):
+            print(f"wrote {path}")
+    status = 0
+    if args.compare:
+        from ..constants import BENCH_REGRESSION_RATIO
+
+        ratio = args.regression_ratio or BENCH_REGRESSION_RATIO
+        table, regressions = report.compare(args.old, records, ratio)
+        print(f"\nchange against {args.compare}:")
+        print(table)
+        if regressions:
+            print(f"\n{len(regressions)} regression(s):\n  " + "\n  ".join(regressions))
+            if args.fail_on_regression:
+                status = 1
+        else:
+            print("\nno regressions")
+    return status

@@ -1,0 +1,283 @@
+"""Timing, peak memory and accuracy of one provider on one case.
+
+Timing: CUDA events around each repeat on a GPU (L2 flushed between repeats, as
+triton.testing.do_bench does), time.perf_counter on a CPU; warm-up first, then repeats until a
+minimum time has passed (within [min_repeats, max_repeats]); median and quartiles reported.
+The `bwd` direction times the backward alone: the forward runs untimed before each repeat.
+`fwd` is an inference forward (torch.no_grad); `fwd+bwd` is a training step's attention.
+
+Peak memory, beyond the inputs (and, for `bwd`, beyond what the forward left saved):
+  CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
+  CPU: in a fresh process forked from a clean fork server (a process that imported torch but ran
+  nothing, so OpenMP is safe to use after the fork): build the inputs, run the case once (warm-up,
+  which also checks it runs), free its results, give freed heap back to the OS (glibc mallopt:
+  fixed 64 KiB mmap threshold; malloc_trim), reset the high-water mark (write 5 to
+  /proc/self/clear_refs), read VmRSS, run the case once more and read VmHWM. Peak = VmHWM - VmRSS.
+  The noise floor of this method (a 16x16 case, which allocates ~1 KiB) is measured per run and
+  stored in the JSON environment block.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..constants import TOLERANCES
+from ..reference import reference_attention
+from ..testing import max_abs_error
+from .presets import DTYPES, Case, Site
+
+__all__ = ["Timing", "CaseInputs", "make_inputs", "make_call", "time_call", "reference_results",
+           "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "cpu_noise_floor"]
+
+# Bytes of fp64 logits per query chunk of the reference (chunking keeps its memory bounded;
+# rows are independent, so chunking over queries changes no result).
+_REF_CHUNK_BYTES = 256 * 2**20
+_L2_FLUSH_BYTES = 256 * 2**20
+
+
+@dataclass
+class Timing:
+    median_s: float
+    q25_s: float
+    q75_s: float
+    n_repeats: int
+    times_s: list[float]
+
+
+@dataclass
+class CaseInputs:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    grad_out: Tensor
+
+
+def make_inputs(site: Site, dtype: str, device: torch.device, seed: int) -> CaseInputs:
+    """Unit-variance inputs, generated in fp32 on the CPU from `seed` (so every provider and
+    device sees the same values), then cast and moved."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(site.B, site.d_qk, site.N), (site.B, site.d_qk, site.M), (site.B, site.d_v, site.M),
+              (site.B, site.d_v, site.N)]
+    q, k, v, g = (torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[dtype]) for s in shapes)
+    return CaseInputs(q, k, v, g)
+
+
+def make_call(fn: Callable, direction: str, x: CaseInputs, scale: float):
+    """(setup, call): `call` is what is timed; `setup` runs untimed before it and returns its
+    argument. call returns (out or None, grads or None) for the accuracy check."""
+    params = (x.q, x.k, x.v)
+    if direction == "fwd":
+        def call(_):
+            with torch.no_grad():
+                return fn(x.q, x.k, x.v, scale), None
+        return (lambda: None), call
+    leaves = tuple(t.detach().requires_grad_() for t in params)
+    if direction == "fwd+bwd":
+        def call(_):
+            out = fn(*leaves, scale)
+            return out.detach(), torch.autograd.grad(out, leaves, x.grad_out)
+        return (lambda: None), call
+
+    def setup():
+        return fn(*leaves, scale)
+
+    def call_bwd(out):
+        return None, torch.autograd.grad(out, leaves, x.grad_out)
+    return setup, call_bwd
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(setup, call, device: torch.device, min_time_s: float, min_repeats: int, max_repeats: int,
+              warmup: int = 1):
+    """Timing of `call` and the result of the first warm-up call (used for the accuracy check)."""
+    first = None
+    for i in range(max(1, warmup)):
+        result = call(setup())
+        if i == 0:
+            first = result
+        del result
+    _sync(device)
+    flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_repeats and (len(times) < min_repeats or spent < min_time_s):
+        arg = setup()
+        if device.type == "cuda":
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = call(arg)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            result = call(arg)
+            elapsed = time.perf_counter() - t0
+        del result, arg
+        times.append(elapsed)
+        spent += elapsed
+    q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return Timing(statistics.median(times), q25, q75, len(times), times), first
+
+
+def reference_results(x: CaseInputs, scale: float, need_grads: bool):
+    """fp64 out and (dq, dk, dv) of fastattn.reference on the same inputs, query chunk by chunk."""
+    q, k, v, g = (t.detach().to(torch.float64) for t in (x.q, x.k, x.v, x.grad_out))
+    batch, _, n_queries = q.shape
+    rows = max(1, _REF_CHUNK_BYTES // max(1, 3 * batch * k.shape[2] * 8))
+    out = torch.empty(batch, v.shape[1], n_queries, dtype=torch.float64, device=q.device)
+    dq = torch.empty_like(q) if need_grads else None
+    k_leaf, v_leaf = k.clone().requires_grad_(need_grads), v.clone().requires_grad_(need_grads)
+    dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if need_grads else (None, None)
+    for start in range(0, n_queries, rows):
+        stop = min(n_queries, start + rows)
+        with torch.set_grad_enabled(need_grads):
+            q_chunk = q[:, :, start:stop].clone().requires_grad_(need_grads)
+            out_chunk = reference_attention(q_chunk, k_leaf, v_leaf, scale)
+        out[:, :, start:stop] = out_chunk.detach()
+        if need_grads:
+            gq, gk, gv = torch.autograd.grad(out_chunk, (q_chunk, k_leaf, v_leaf), g[:, :, start:stop])
+            dq[:, :, start:stop] = gq
+            dk += gk
+            dv += gv
+    return out, ((dq, dk, dv) if need_grads else None)
+
+
+def _within(got: Tensor, want: Tensor, dtype: str) -> bool:
+    tol = TOLERANCES[DTYPES[dtype]]
+    got64 = got.detach().to(device=want.device, dtype=torch.float64)
+    return bool(torch.isclose(got64, want, atol=tol["atol"], rtol=tol["rtol"], equal_nan=True).all())
+
+
+def accuracy(result, reference, direction: str, dtype: str) -> dict:
+    """Max abs errors against the fp64 reference (output; gradients dq, dk, dv together) and
+    whether each is elementwise within fastattn.constants.TOLERANCES for the dtype."""
+    out, grads = result
+    ref_out, ref_grads = reference
+    fields = {}
+    if direction in ("fwd", "fwd+bwd"):
+        fields["out_err"] = max_abs_error(out, ref_out)
+        fields["out_within_tol"] = _within(out, ref_out, dtype)
+    if direction in ("bwd", "fwd+bwd"):
+        fields["grad_err"] = max(max_abs_error(g, r) for g, r in zip(grads, ref_grads))
+        fields["grad_within_tol"] = all(_within(g, r, dtype) for g, r in zip(grads, ref_grads))
+    fields["max_err"] = max(fields.get("out_err", 0.0), fields.get("grad_err", 0.0))
+    return fields
+
+
+def peak_bytes_cuda(setup, call, device: torch.device) -> int:
+    arg = setup()
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = call(arg)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del result, arg
+    return int(peak)
+
+
+# --- CPU: one fresh forked process per measurement ------------------------------------------
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key} line")
+
+
+def _release_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
+               threads: int) -> None:
+    try:
+        torch.set_num_threads(threads)
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD: big blocks mmapped, unmapped on free
+            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: return freed heap top to the OS
+        except OSError:
+            pass
+        from .providers import make_provider
+
+        fn = make_provider(provider)
+        x = make_inputs(site, dtype, torch.device("cpu"), seed)
+        setup, call = make_call(fn, direction, x, scale)
+        result = call(setup())  # warm-up (lazy initialisation, compilation)
+        del result
+        _release_heap()
+        arg = setup()
+        _release_heap()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+        base = _status_bytes("VmRSS")
+        result = call(arg)
+        conn.send(("ok", _status_bytes("VmHWM") - base))
+    except BaseException as error:  # reported to the parent, which records it
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        conn.close()
+
+
+_CONTEXT = None
+
+
+def _context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["torch", "fastattn.bench.providers", "fastattn.bench.measure"])
+    return _CONTEXT
+
+
+def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
+                   threads: int | None = None, timeout_s: float = 1800.0) -> int:
+    """Peak resident memory growth of one run in a fresh process; raises RuntimeError on failure."""
+    ctx = _context()
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_cpu_child, args=(child, site, dtype, direction, provider, seed, scale,
+                                                             threads or torch.get_num_threads()))
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            raise RuntimeError(f"memory measurement did not finish in {timeout_s:.0f} s")
+        status, value = parent.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"memory measurement process died (exit code {process.exitcode}; "
+                           "killed for memory?)") from None
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+    if status != "ok":
+        raise RuntimeError(value)
+    return int(value)
+
+
+def cpu_noise_floor(repeats: int = 5, threads: int | None = None) -> int:
+    """Largest peak this method reports for a case that allocates ~1 KiB."""
+    tiny = Site("noise_floor", 1, 16, 16, 8, 8, 1)
+    return max(peak_bytes_cpu(tiny, "float32", "fwd+bwd", "naive", 0, 1.0, threads) for _ in range(repeats))

@@ -1,0 +1,91 @@
+"""PNG plots of a benchmark run (matplotlib, Agg backend): time and peak memory per sample against
+N for each provider, and the speedup over naive per site."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .report import machine_line
+
+__all__ = ["write_plots"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _groups(records: list[dict]) -> list[tuple[str, str]]:
+    """(dtype, direction) pairs present among the successful records, in run order."""
+    seen = []
+    for r in records:
+        if r["status"] == "ok" and (r["dtype"], r["direction"]) not in seen:
+            seen.append((r["dtype"], r["direction"]))
+    return seen
+
+
+def _against_n(records, groups, field: str, scale: float, ylabel: str, title: str, env: dict, path: Path):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False)
+    for ax, (dtype, direction) in zip(axes[0], groups):
+        series = defaultdict(list)
+        for r in records:
+            if r["status"] == "ok" and r["dtype"] == dtype and r["direction"] == direction and r.get(field):
+                series[r["provider"]].append((r["N"], r[field] * scale / r["B"], r["shape"]))
+        for provider, points in series.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (queries = H*W)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{dtype} {direction}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\n{machine_line(env)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _speedup(records, groups, env: dict, path: Path):
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    for ax, (dtype, direction) in zip(axes[:, 0], groups):
+        rows = [r for r in records if r["status"] == "ok" and r["dtype"] == dtype
+                and r["direction"] == direction and r.get("speedup_vs_naive") and r["provider"] != "naive"]
+        sites = list(dict.fromkeys(f"{r['shape']}\nB={r['B']}" for r in rows))
+        providers = list(dict.fromkeys(r["provider"] for r in rows))
+        width = 0.8 / max(1, len(providers))
+        for i, provider in enumerate(providers):
+            values = {f"{r['shape']}\nB={r['B']}": r["speedup_vs_naive"] for r in rows if r["provider"] == provider}
+            xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(sites))]
+            ax.bar(xs, [values.get(s, 0.0) for s in sites], width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(sites)))
+        ax.set_xticklabels(sites, fontsize=7)
+        ax.set_ylabel("speedup over naive (x)")
+        ax.set_title(f"{dtype} {direction}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Speedup over the naive path per site\n{machine_line(env)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(records: list[dict], env: dict, directory: str) -> list[Path]:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = _groups(records)
+    if not groups:
+        return []
+    paths = [out / "time_vs_n.png", out / "memory_vs_n.png", out / "speedup_per_site.png"]
+    _against_n(records, groups, "median_s", 1e3, "median ms per sample", "Time against N", env, paths[0])
+    _against_n(records, groups, "peak_bytes", 2.0**-20, "peak MiB per sample (beyond inputs)",
+               "Peak memory against N", env, paths[1])
+    _speedup(records, groups, env, paths[2])
+    return paths

@@ -1,0 +1,265 @@
+"""What a benchmark run produces: the environment block, derived columns, the markdown table,
+the JSON file, and the comparison against an earlier JSON file."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ..constants import (BENCH_REGRESSION_RATIO, BOUND_EXP2_PER_CLOCK_PER_SM, BOUND_FLOP_PER_CLOCK_PER_SM,
+                         ERROR_RATIO_GRAD)
+from ..testing import error_bound
+from .presets import DTYPES
+
+__all__ = ["environment", "add_derived", "markdown_table", "write_json", "load_json", "compare",
+           "machine_line", "record_key", "is_slower"]
+
+RECORD_KEY_FIELDS = ("shape", "B", "N", "M", "d_qk", "d_v", "dtype", "direction", "provider")
+
+
+def record_key(record: dict) -> tuple:
+    return tuple(record.get(field) for field in RECORD_KEY_FIELDS)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _gpu_clock_and_sms(device: torch.device) -> dict:
+    """SM count and SM clock (Hz) from torch or Triton's driver, whichever has them."""
+    props = torch.cuda.get_device_properties(device)
+    info = {"sm_count": props.multi_processor_count, "sm_clock_hz": None, "clock_source": None,
+            "compute_capability": f"{props.major}.{props.minor}"}
+    clock_khz = getattr(props, "clock_rate", None)
+    if clock_khz:
+        info.update(sm_clock_hz=clock_khz * 1e3, clock_source="torch.cuda.get_device_properties")
+        return info
+    try:
+        from triton.runtime import driver
+
+        tprops = driver.active.utils.get_device_properties(device.index or 0)
+        for key in ("sm_clock_rate", "max_clock_rate", "clock_rate"):
+            if tprops.get(key):
+                info.update(sm_clock_hz=tprops[key] * 1e3, clock_source=f"triton driver {key}")
+                break
+    except Exception as error:  # recorded, not fatal: only %-of-bound needs the clock
+        info["clock_source"] = f"unknown ({type(error).__name__}: {error})"
+    return info
+
+
+def environment(device: torch.device) -> dict:
+    from .. import __version__
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_type": device.type,
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fastattn": __version__,
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        env.update(_gpu_clock_and_sms(device))
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return env
+
+
+def machine_line(env: dict) -> str:
+    if env.get("device_type") == "cuda":
+        return (f"{env['device']} (sm {env.get('compute_capability')}, {env.get('sm_count')} SMs), "
+                f"torch {env['torch']}, triton {env.get('triton')}")
+    return (f"CPU {env['cpu_model']}, {env['cpu_cores']} cores ({env['torch_threads']} torch threads), "
+            f"torch {env['torch']}")
+
+
+def _bound_seconds(record: dict, env: dict) -> float | None:
+    """No-overlap lower bound on the time: per (query, key) pair, the matmul clocks at the tensor-
+    core rate plus the exp clocks, per SM, over all SMs at the SM clock."""
+    major_minor = env.get("compute_capability")
+    flop_rate = BOUND_FLOP_PER_CLOCK_PER_SM.get(major_minor)
+    if not flop_rate or not env.get("sm_clock_hz") or record["dtype"] not in ("float16", "bfloat16"):
+        return None
+    d_qk, d_v = record["d_qk"], record["d_v"]
+    per_pair = {"fwd": 2 * (d_qk + d_v) / flop_rate + 1 / BOUND_EXP2_PER_CLOCK_PER_SM,
+                "bwd": 2 * (3 * d_qk + 2 * d_v) / flop_rate + 1 / BOUND_EXP2_PER_CLOCK_PER_SM}
+    clocks = per_pair["fwd"] * (record["direction"] != "bwd") + per_pair["bwd"] * (record["direction"] != "fwd")
+    pairs = record["B"] * record["N"] * record["M"]
+    return pairs * clocks / (env["sm_count"] * env["sm_clock_hz"])
+
+
+def _match(record: dict, naive: dict | None) -> str | None:
+    """OK when the output is elementwise within TOLERANCES and so are the gradients, or, since
+    gradients sum over thousands of queries, when their error is within the accuracy rule
+    (ERROR_RATIO_GRAD x the naive path's gradient error in the same dtype, plus ERROR_FLOOR)."""
+    if "out_within_tol" not in record and "grad_within_tol" not in record:
+        return None
+    if not record.get("out_within_tol", True):
+        return "FAIL"
+    if record.get("grad_within_tol", True):
+        return "OK"
+    naive_err = None if naive is None or naive is record else naive.get("grad_err")
+    if naive_err is not None and record["grad_err"] <= error_bound(naive_err, ERROR_RATIO_GRAD, DTYPES[record["dtype"]]):
+        return f"OK (grads <= {ERROR_RATIO_GRAD:g}x naive)"
+    return "FAIL"
+
+
+def add_derived(records: list[dict], env: dict) -> None:
+    """match, speedup_vs_naive, mem_vs_naive, and on CUDA tflops and pct_of_bound, in place."""
+    naive = {record_key({**r, "provider": "naive"}): r for r in records
+             if r["provider"] == "naive" and r["status"] == "ok"}
+    for r in records:
+        r.setdefault("speedup_vs_naive", None)
+        r.setdefault("mem_vs_naive", None)
+        r.setdefault("tflops", None)
+        r.setdefault("pct_of_bound", None)
+        if r["status"] != "ok":
+            continue
+        base = naive.get(record_key({**r, "provider": "naive"}))
+        r["match"] = _match(r, base)
+        if base is not None:
+            r["speedup_vs_naive"] = base["median_s"] / r["median_s"]
+            if base.get("peak_bytes") and r.get("peak_bytes"):
+                r["mem_vs_naive"] = base["peak_bytes"] / r["peak_bytes"]
+        if env.get("device_type") == "cuda":
+            r["tflops"] = r["flops"] / r["median_s"] / 1e12
+            bound = _bound_seconds(r, env)
+            r["pct_of_bound"] = 100 * bound / r["median_s"] if bound else None
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def markdown_table(records: list[dict], env: dict, compact: bool = False) -> str:
+    """The results table. compact: the README's columns (time, memory, ratios, match)."""
+    gpu = env.get("device_type") == "cuda"
+    head = ["site", "B", "dtype", "dir", "provider", "median ms", "IQR ms", "peak MiB",
+            "speedup", "mem ratio", "max err", "match"]
+    if compact:
+        head = ["site", "B", "dtype", "dir", "provider", "median ms", "peak MiB", "speedup", "mem ratio", "match"]
+    if gpu and not compact:
+        head += ["TFLOP/s", "% bound"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in records:
+        row = [r["shape"], str(r["B"]), r["dtype"], r["direction"], r["provider"]]
+        if r["status"] != "ok":
+            text = f"{r['status']}: {r['reason']}"
+            row += [text] + [""] * (len(head) - len(row) - 1)
+        else:
+            peak = r.get("peak_bytes")
+            iqr = f"{1e3 * r['q25_s']:.3g}-{1e3 * r['q75_s']:.3g}"
+            speed = _fmt(r.get("speedup_vs_naive"), ".2f") + ("x" if r.get("speedup_vs_naive") else "")
+            mem = _fmt(r.get("mem_vs_naive"), ".2f") + ("x" if r.get("mem_vs_naive") else "")
+            cells = {"median ms": f"{1e3 * r['median_s']:.3g}", "IQR ms": iqr,
+                     "peak MiB": _fmt(None if peak is None else peak / 2**20, ".1f"),
+                     "speedup": speed, "mem ratio": mem, "max err": _fmt(r.get("max_err"), ".2e"),
+                     "match": r.get("match") or "-", "TFLOP/s": _fmt(r.get("tflops"), ".1f"),
+                     "% bound": _fmt(r.get("pct_of_bound"), ".0f")}
+            row += [cells[h] for h in head[5:]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, env: dict, records: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": env, "records": records}, indent=1) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    """A file written by --json; raises ValueError saying what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"--compare: cannot read {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--compare: {path} is not JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise ValueError(f"--compare: {path} is not a `fastattn bench --json` file: expected an object "
+                         f"with a 'records' list, got {type(data).__name__} with keys {list(data)[:5] if isinstance(data, dict) else '-'}")
+    return data
+
+
+def is_slower(new: dict, old: dict, ratio: float = BENCH_REGRESSION_RATIO) -> bool:
+    """Significant slowdown: the median grew past `ratio` and the interquartile ranges do not
+    overlap (the new run's fast quarter is slower than the old run's slow quarter)."""
+    return new["median_s"] > ratio * old["median_s"] and new["q25_s"] > old["q75_s"]
+
+
+def compare(old: dict, records: list[dict], ratio: float = BENCH_REGRESSION_RATIO) -> tuple[str, list[str]]:
+    """(markdown table of the change per case, list of regressions). A regression is a
+    significant slowdown, a case that ran before and no longer runs, or a match that went from OK
+    to FAIL. Every one counts."""
+    previous = {record_key(r): r for r in old["records"] if isinstance(r, dict)}
+    lines = ["| site | B | dtype | dir | provider | old ms | new ms | change | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    regressions: list[str] = []
+    for r in records:
+        name = f"{r['shape']} B={r['B']} {r['dtype']} {r['direction']} {r['provider']}"
+        o = previous.pop(record_key(r), None)
+        old_ms = new_ms = change = ""
+        if o is None:
+            verdict = "new case"
+        elif o.get("status") != "ok" and r["status"] != "ok":
+            verdict = f"still {r['status']}"
+        elif r["status"] != "ok":
+            verdict = f"REGRESSION: was ok, now {r['status']}: {r['reason']}"
+            regressions.append(f"{name}: {verdict}")
+        elif o.get("status") != "ok":
+            verdict, new_ms = "now runs", f"{1e3 * r['median_s']:.3g}"
+        else:
+            old_ms, new_ms = f"{1e3 * o['median_s']:.3g}", f"{1e3 * r['median_s']:.3g}"
+            change = f"{100 * (r['median_s'] / o['median_s'] - 1):+.0f}%"
+            verdict = "same (within noise)"
+            if is_slower(r, o, ratio):
+                verdict = f"REGRESSION: slower by more than {100 * (ratio - 1):.0f}%"
+                regressions.append(f"{name}: {change} ({old_ms} ms -> {new_ms} ms)")
+            elif is_slower(o, r, ratio):
+                verdict = "faster"
+            if (o.get("match") or "").startswith("OK") and r.get("match") == "FAIL":
+                verdict += "; REGRESSION: match OK -> FAIL"
+                regressions.append(f"{name}: match OK -> FAIL (max err {r.get('max_err')})")
+        lines.append(f"| {r['shape']} | {r['B']} | {r['dtype']} | {r['direction']} | {r['provider']} | "
+                     f"{old_ms} | {new_ms} | {change} | {verdict} |")
+    for o in previous.values():
+        lines.append(f"| {o.get('shape')} | {o.get('B')} | {o.get('dtype')} | {o.get('direction')} | "
+                     f"{o.get('provider')} | | | | not run this time |")
+    return "\n".join(lines), regressions

@@ -1,0 +1,152 @@
+"""`fastattn bench`: the command writes what it promises, records what cannot run, and compares runs."""
+import json
+
+import pytest
+import torch
+
+from fastattn import dispatch
+from fastattn.bench import main
+from fastattn.bench.report import compare
+
+TINY = ["--custom", "N=48,M=12,d_qk=4,d_v=8,B=2", "--repeats", "3", "--min-time", "0", "--no-progress",
+        "--threads", "1"]
+REQUIRED = ("shape", "dtype", "direction", "provider", "median_s", "peak_bytes", "max_err")
+
+
+def test_tiny_custom_case_writes_json_markdown_and_plots_with_required_fields(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    status = main(TINY + ["--direction", "fwd,bwd,fwd+bwd", "--provider", "naive,sdpa,fastattn-torch",
+                          "--json", str(out), "--markdown", str(tmp_path / "table.md"),
+                          "--plots", str(tmp_path / "plots")])
+    assert status == 0
+    data = json.loads(out.read_text())
+    for key in ("device", "cpu_model", "cpu_cores", "torch", "triton", "fastattn", "git_commit", "date",
+                "cpu_memory_noise_floor_bytes"):
+        assert key in data["env"], key
+    records = data["records"]
+    assert len(records) == 3 * 3
+    for r in records:
+        assert all(field in r for field in REQUIRED), r
+        assert r["status"] == "ok", r
+        assert 0 < r["q25_s"] <= r["median_s"] <= r["q75_s"]
+        assert isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0
+        assert r["max_err"] < 1e-4 and r["match"].startswith("OK"), r
+        assert r["shape"] == "custom_N48_M12_dqk4_dv8" and r["B"] == 2
+    naive = [r for r in records if r["provider"] == "naive"]
+    assert all(r["speedup_vs_naive"] == 1.0 for r in naive)
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("Machine: CPU") and "| fastattn-torch |" in table
+    for name in ("time_vs_n.png", "memory_vs_n.png", "speedup_per_site.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| naive |" in capsys.readouterr().out
+
+
+class _RefusingBackend(dispatch.Backend):
+    name = "triton"
+
+    def unavailable(self):
+        return ["no GPU in this test"]
+
+    def unsupported(self, q, k, v):
+        return []
+
+    def attention(self, q, k, v, scale):  # pragma: no cover - never reached
+        raise AssertionError("a refusing backend must not run")
+
+
+def test_providers_that_cannot_run_are_recorded_with_their_reason_not_raised(tmp_path, monkeypatch):
+    dispatch.available_backends()  # load the built-ins, then stand in for the Triton backend
+    monkeypatch.setitem(dispatch._REGISTRY, "triton", _RefusingBackend())
+    out = tmp_path / "run.json"
+    providers = "naive,fastattn-triton,sdpa-efficient" if not torch.cuda.is_available() else "naive,fastattn-triton"
+    assert main(TINY + ["--direction", "fwd", "--provider", providers, "--no-memory", "--json", str(out)]) == 0
+    records = {r["provider"]: r for r in json.loads(out.read_text())["records"]}
+    assert records["naive"]["status"] == "ok"
+    assert records["fastattn-triton"]["status"] == "not supported"
+    assert "no GPU in this test" in records["fastattn-triton"]["reason"]
+    assert records["fastattn-triton"]["median_s"] is None
+    if "sdpa-efficient" in records:
+        assert records["sdpa-efficient"]["status"] == "not supported"
+        assert "CUDA" in records["sdpa-efficient"]["reason"]
+
+
+def _slowed(data: dict, providers: tuple[str, ...], factor: float) -> dict:
+    """A copy of a run in which the given providers were `factor` times faster (so the run being
+    compared looks `factor` times slower)."""
+    old = json.loads(json.dumps(data))
+    for r in old["records"]:
+        if r["provider"] in providers:
+            for field in ("median_s", "q25_s", "q75_s"):
+                r[field] /= factor
+    return old
+
+
+def test_compare_flags_every_injected_slowdown_and_fail_on_regression_exits_1(tmp_path, capsys):
+    new = tmp_path / "new.json"
+    assert main(TINY + ["--direction", "fwd", "--provider", "naive,fastattn-torch", "--no-memory",
+                        "--no-check", "--json", str(new)]) == 0
+    data = json.loads(new.read_text())
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_slowed(data, ("naive", "fastattn-torch"), 10.0)))
+    capsys.readouterr()
+    status = main(TINY + ["--direction", "fwd", "--provider", "naive,fastattn-torch", "--no-memory",
+                          "--no-check", "--compare", str(old), "--fail-on-regression"])
+    printed = capsys.readouterr().out
+    assert status == 1
+    assert "2 regression(s)" in printed  # both, not "all but one"
+
+    _, regressions = compare(data, data["records"])
+    assert regressions == []
+    _, regressions = compare(_slowed(data, ("fastattn-torch",), 10.0), data["records"])
+    assert len(regressions) == 1 and "fastattn-torch" in regressions[0]
+
+
+def test_compare_counts_a_case_that_stopped_running_and_ignores_noise_sized_changes():
+    base = {"shape": "s", "B": 1, "N": 4, "M": 4, "d_qk": 2, "d_v": 2, "dtype": "float32",
+            "direction": "fwd", "status": "ok", "reason": None, "match": "OK"}
+    old = {"records": [{**base, "provider": "a", "median_s": 1.0, "q25_s": 0.9, "q75_s": 1.1},
+                       {**base, "provider": "b", "median_s": 1.0, "q25_s": 0.9, "q75_s": 1.1}]}
+    new = [{**base, "provider": "a", "median_s": 1.1, "q25_s": 1.0, "q75_s": 1.2},  # within noise
+           {**base, "provider": "b", "status": "error", "reason": "boom", "median_s": None}]
+    table, regressions = compare(old, new)
+    assert len(regressions) == 1 and "now error: boom" in regressions[0]
+    assert "same (within noise)" in table
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--shape", "nope"], "--shape must name sites from gan_shapes.json"),
+    (["--dtype", "fp8"], "--dtype must be one of float32"),
+    (["--direction", "sideways"], "--direction must be one of fwd, bwd, fwd+bwd, got 'sideways'"),
+    (["--provider", "magic"], "--provider must be one of naive"),
+    (["--custom", "N=0,M=4,d_qk=2,d_v=2"], "--custom got 'N=0,M=4,d_qk=2,d_v=2': bad item 'N=0'"),
+    (["--custom", "N=8,M=4"], "missing d_qk, d_v"),
+    (["--fail-on-regression"], "--fail-on-regression needs --compare"),
+    (["--compare", "/nonexistent/old.json"], "--compare: cannot read /nonexistent/old.json"),
+    (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_arguments_exit_2_naming_the_argument_and_what_was_expected(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_compare_rejects_a_file_that_is_not_a_bench_result(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps([1, 2, 3]))
+    with pytest.raises(SystemExit):
+        main(["--compare", str(path)])
+    assert "is not a `fastattn bench --json` file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stress preset is checked here")
+def test_cpu_stress_preset_lists_the_two_issue_sites_at_batch_1_without_running(capsys):
+    assert main(["--preset", "stress", "--provider", "naive", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "biggan256_G128 B=1 float32 fwd naive  [B 64 -> 1 (stress preset)]",
+        "biggan256_G128 B=1 float32 fwd+bwd naive  [B 64 -> 1 (stress preset)]",
+        "stress_unpooled128 B=1 float32 fwd naive",
+        "stress_unpooled128 B=1 float32 fwd+bwd naive",
+    ]

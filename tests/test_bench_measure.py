@@ -1,0 +1,58 @@
+"""The measurements behind `fastattn bench`: presets, FLOP counts, peak memory, accuracy."""
+import torch
+
+from fastattn import reference_attention
+from fastattn.bench import measure
+from fastattn.bench.presets import Site, attention_flops, build_cases
+from fastattn.shapes import gan_shapes
+
+
+def test_flop_counts_are_2BNM_times_the_matmul_widths():
+    site = Site("s", 2, 64, 16, 8, 32, 2)
+    assert attention_flops(site, "fwd") == 2 * 2 * 64 * 16 * (8 + 32)
+    assert attention_flops(site, "bwd") == 2 * 2 * 64 * 16 * (3 * 8 + 2 * 32)
+    assert attention_flops(site, "fwd+bwd") == 2 * 2 * 64 * 16 * (4 * 8 + 3 * 32)
+
+
+def test_default_preset_on_cpu_is_quick_and_gan_preset_states_every_scaled_batch():
+    cpu = torch.device("cpu")
+    cases, preset = build_cases("default", cpu, free_bytes=16 * 2**30)
+    assert preset == "quick" and {c.site.B for c in cases} == {1} and {c.dtype for c in cases} == {"float32"}
+    cases, preset = build_cases("gan", cpu, free_bytes=16 * 2**30, directions=["fwd"])
+    # the high-resolution sites are over the CPU work cap even at B=1: they are the stress preset
+    assert [c.site.id for c in cases] == [s.id for s in gan_shapes() if s.N < 16384]
+    for case in cases:
+        config = next(s for s in gan_shapes() if s.id == case.site.id)
+        assert 1 <= case.site.B <= config.B
+        assert (case.site.batch_note != "") == (case.site.B != config.B), case.site
+
+
+def test_gan_preset_batch_shrinks_with_the_memory_budget():
+    # biggan128_G: the naive fwd+bwd holds four (4096, 1024) fp32 matrices, 64 MiB per sample.
+    gpu = torch.device("cuda")  # only the device type matters here (no CPU work cap)
+    small, _ = build_cases("gan", gpu, 2**30, shape_ids=["biggan128_G"], dtypes=["float32"], directions=["fwd"])
+    large, _ = build_cases("gan", gpu, 64 * 2**30, shape_ids=["biggan128_G"], dtypes=["float32"], directions=["fwd"])
+    assert small[0].site.B == 8  # half of 1 GiB / 64 MiB
+    assert large[0].site.B == 256 and large[0].site.batch_note == ""
+    assert "memory" in small[0].site.batch_note
+
+
+def test_cpu_peak_memory_of_naive_forward_is_its_two_n_by_m_matrices():
+    # logits and softmax, (1, 1024, 1024) fp32 each: 8 MiB, plus a 64 KiB output.
+    site = Site("m", 1, 1024, 1024, 8, 16, 1)
+    peak = measure.peak_bytes_cpu(site, "float32", "fwd", "naive", seed=0, scale=1.0, threads=1)
+    assert 8 * 2**20 - 2**17 <= peak <= 8 * 2**20 + 2**19, peak  # the method's noise is ~100 KiB
+    chunked = measure.peak_bytes_cpu(site, "float32", "fwd", "fastattn-torch", seed=0, scale=1.0, threads=1)
+    assert chunked < peak
+
+
+def test_accuracy_check_flags_a_wrong_output_and_passes_the_reference_itself():
+    site = Site("a", 1, 40, 12, 4, 6, 1)
+    x = measure.make_inputs(site, "float32", torch.device("cpu"), seed=1)
+    reference = measure.reference_results(x, 1.0, need_grads=True)
+    setup, call = measure.make_call(reference_attention, "fwd+bwd", x, 1.0)
+    good = measure.accuracy(call(setup()), reference, "fwd+bwd", "float32")
+    assert good["out_within_tol"] and good["grad_within_tol"] and good["max_err"] < 1e-5
+    out, grads = call(setup())
+    bad = measure.accuracy((out * 1.01, grads), reference, "fwd+bwd", "float32")
+    assert not bad["out_within_tol"] and bad["out_err"] > 1e-4
