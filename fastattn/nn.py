@@ -26,8 +26,8 @@ __all__ = ["SelfAttention2d", "attention_core", "max_pool_keys"]
 _ATTENTION_MODES = ("fastattn", "naive")
 
 
-def attention_core(q: Tensor, k: Tensor, v: Tensor, *, backend: str | None = None,
-                   return_lse: bool = False):
+def attention_core(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = 1.0,
+                   backend: str | None = None, return_lse: bool = False):
     """`spatial_attention` on conv outputs, outside autocast.
 
     Under autocast the conv outputs arrive in the low-precision dtype; the attention itself keeps
@@ -41,7 +41,7 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, *, backend: str | None = Non
     if v.dtype != q.dtype:
         v = v.to(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
-        return spatial_attention(q, k, v, backend=backend, return_lse=return_lse)
+        return spatial_attention(q, k, v, scale=scale, backend=backend, return_lse=return_lse)
 
 
 def max_pool_keys(t: Tensor) -> Tensor:
