@@ -397,3 +397,57 @@ def warm_up_spectral_norm(module, steps=5, size=(4, 4)):
         for _ in range(steps):
             module(torch.randn(1, channels, *size, dtype=param.dtype, device=param.device))
     return module.train(training)
+
+
+# --- small models with several attention sites ---------------------------------------------------
+
+
+class SmallGenerator(nn.Module):
+    """BigGAN-style: z (and y) -> 16x16 image, BigGAN attention at 8x8, HF attention at 16x16."""
+
+    def __init__(self, z_dim=8, ch=16, n_classes=3):
+        super().__init__()
+        self.ch = ch
+        self.linear = nn.Linear(z_dim, ch * 4 * 4)
+        self.embed = nn.Embedding(n_classes, ch)
+        self.conv1 = nn.utils.spectral_norm(nn.Conv2d(ch, ch, 3, padding=1))
+        self.attn1 = Attention(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.attn2 = SelfAttn(ch, eps=1e-4)
+        self.to_rgb = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, z, y):
+        h = self.linear(z).view(-1, self.ch, 4, 4) + self.embed(y)[:, :, None, None]
+        h = F.relu(self.conv1(F.interpolate(h, scale_factor=2)))
+        h = self.attn1(h, y)
+        h = F.relu(self.conv2(F.interpolate(h, scale_factor=2)))
+        h = self.attn2(h)
+        return torch.tanh(self.to_rgb(h))
+
+
+class SmallDiscriminator(nn.Module):
+    """heykeetae-style D: attention returning maps at 16x16, StudioGAN attention at 8x8, and a
+    BigGAN block with an extra norm (a partial match that must stay as it is)."""
+
+    def __init__(self, ch=16, norm_block=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, ch, 3, padding=1)
+        self.attn1 = Self_Attn(ch, "relu")
+        self.conv2 = nn.utils.parametrizations.spectral_norm(nn.Conv2d(ch, ch, 4, stride=2, padding=1))
+        self.attn2 = SelfAttention(ch, False, studiogan_modules("hook"))
+        self.block = AttentionWithNorm(ch) if norm_block else nn.Identity()
+        self.head = nn.Linear(ch, 1)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv1(x), 0.1)
+        h, p1 = self.attn1(h)
+        h = F.leaky_relu(self.conv2(h), 0.1)
+        h = self.attn2(h)
+        h = self.block(h)
+        return self.head(h.sum(dim=(2, 3))).squeeze(1), p1
+
+
+def residual_scalars_nonzero(model, value=0.6):
+    for module in model.modules():
+        set_residual_scalar(module, value)
+    return model
