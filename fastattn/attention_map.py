@@ -231,9 +231,7 @@ def save_attention_png(path, image, attention, query_pixels, *, image_index: int
         the query grid query_hw. One panel per query: its attention row stretched over the image.
     Returns the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A Figure on an Agg canvas: no pyplot, no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -215,3 +215,28 @@ def test_no_warning_when_everything_matches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         swap_attention(gen)
+
+
+def test_data_parallel_replicas_run_their_own_submodules():
+    layer = set_residual_scalar(Self_Attn(16, "relu"))
+    handle = swap_attention(layer, backend="torch")
+    replica = layer._replicate_for_data_parallel()  # what nn.DataParallel does per device,
+    replica.gamma = layer.gamma.detach() * 1  # then it sets the parameters as plain tensors
+    assert replica.forward.module is replica and is_swapped(replica)
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(replica(x)[0], layer(x)[0])
+    handle.revert()
+    assert "_replicate_for_data_parallel" not in vars(layer) and "forward" not in vars(layer)
+
+
+def test_fastattn_layers_in_a_model_are_switched_from_naive_and_back():
+    model = nn.Sequential(fastattn.SelfAttention2d(16, attention="naive"),
+                          fastattn.SelfAttention2d(16, pool=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BigGAN-like names must not read as a partial match
+        handle = swap_attention(model, strict=True)
+    assert [(s.name, s.family) for s in handle.swapped] == [("0", "fastattn")]
+    assert [s.name for s in handle.already_swapped] == ["1"]
+    assert model[0].attention == "fastattn"
+    assert handle.revert() == ["0"] and model[0].attention == "naive"
