@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention_map import AttentionMap
-from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SIZES
+from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SIZES, TOLERANCES
 from .dispatch import BackendUnavailableError, get_backend
 from .families import AttentionFamily, forward_signature, match
 from .nn import SelfAttention2d, attention_core
-from .constants import TOLERANCES
 from .testing import describe_mismatch
 
 __all__ = ["swap_attention", "SwapHandle", "SwappedLayer", "SkippedLayer", "run_family",
@@ -49,13 +48,13 @@ class _SwapState:
 def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend: str | None = None,
                want_map: bool = False) -> tuple[Tensor, AttentionMap | None]:
     """The family's layer computed with fastattn on `module`'s own submodules: (y, map or None)."""
-    if not isinstance(x, Tensor) or x.dim() < 3:
+    if not isinstance(x, Tensor) or x.dim() != 4 and not (family.conv_dim == 1 and x.dim() == 3):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, C, H, W) tensor for the {family.name} attention layer, got {got}")
     inp = x.reshape(x.shape[0], x.shape[1], -1) if family.conv_dim == 1 else x
-    if family.pooled and family.pool != "ceil" and min(x.shape[2:]) < 2:
-        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2, so x needs H >= 2 and "
-                         f"W >= 2, got {tuple(x.shape)}")
+    if family.pooled and min(x.shape[2:]) < 2:
+        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2, which leaves no key "
+                         f"for an input of shape {tuple(x.shape)}: H and W must be >= 2")
     q = getattr(module, family.query)(inp)
     k = getattr(module, family.key)(inp)
     v = getattr(module, family.value)(inp)

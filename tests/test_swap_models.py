@@ -11,7 +11,7 @@ from fastattn import AttentionFamily, register_adapter, swap_attention, unregist
 from fastattn.dispatch import _REGISTRY, Backend, BackendUnavailableError, register_backend
 from fastattn.swap import is_swapped
 from fastattn.testing import assert_close
-from gan_families import (PARTIAL_MATCHES, AttentionWithNorm, ScaledSelfAttn, Self_Attn,
+from gan_families import (PARTIAL_MATCHES, Attention, AttentionWithNorm, ScaledSelfAttn, Self_Attn,
                           SmallDiscriminator, SmallGenerator, residual_scalars_nonzero,
                           set_residual_scalar, warm_up_spectral_norm)
 
@@ -240,3 +240,12 @@ def test_fastattn_layers_in_a_model_are_switched_from_naive_and_back():
     assert [s.name for s in handle.already_swapped] == ["1"]
     assert model[0].attention == "fastattn"
     assert handle.revert() == ["0"] and model[0].attention == "naive"
+
+
+def test_swapped_pooled_layer_rejects_inputs_with_no_key_left_after_pooling():
+    layer = Attention(16)
+    swap_attention(layer)
+    with pytest.raises(ValueError, match=r"no key for an input of shape \(1, 16, 1, 6\)"):
+        layer(torch.randn(1, 16, 1, 6))
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor"):
+        layer(torch.randn(16, 4, 4))
