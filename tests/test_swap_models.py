@@ -249,3 +249,22 @@ def test_swapped_pooled_layer_rejects_inputs_with_no_key_left_after_pooling():
         layer(torch.randn(1, 16, 1, 6))
     with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor"):
         layer(torch.randn(16, 4, 4))
+
+
+def test_deepcopy_and_pickle_keep_the_swap_bound_to_the_copy():
+    import io
+
+    gen, _ = _models()
+    swap_attention(gen, backend="torch")
+    ema = copy.deepcopy(gen)  # BigGAN's G_ema
+    buffer = io.BytesIO()
+    torch.save(gen, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    z, y = _inputs()
+    gen.eval(), ema.eval(), loaded.eval()
+    with torch.no_grad():
+        want = gen(z, y)
+        for twin in (ema, loaded):
+            assert twin.attn1.forward.module is twin.attn1 and is_swapped(twin.attn2)
+            assert torch.equal(twin(z, y), want)
