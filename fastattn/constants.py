@@ -56,3 +56,14 @@ BOUND_EXP2_PER_CLOCK_PER_SM = 16
 # `fastattn bench --compare`: a case is significantly slower when its median grew by more than
 # this factor AND its interquartile range no longer overlaps the old one (new q25 > old q75).
 BENCH_REGRESSION_RATIO = 1.25
+
+# --- swap_attention probe (fastattn/swap.py) --------------------------------------------------
+# Before swapping a layer, its original forward and fastattn's run on random inputs of these
+# (H, W) sizes (batch 2, the layer's C), on a deep copy in eval mode with the residual scalar set
+# to this value (not 0: the layer would be the identity; not 1: `o + x` would pass for
+# `gamma * o + x`). The first size is even so every family runs it; the odd one checks the
+# pooling rule of the families whose originals accept odd sizes. Chosen, not measured: a few
+# dozen pixels make the probe cost ~1 ms per layer and still tell every known variant apart
+# (tests/test_swap.py: old heykeetae forks, scaled logits, ceil vs floor pooling).
+SWAP_PROBE_SIZES = ((6, 4), (5, 3))
+SWAP_PROBE_SCALAR = 0.75
