@@ -2,11 +2,24 @@
 from .dispatch import BackendUnavailableError, available_backends
 from .functional import spatial_attention
 from .reference import reference_attention
+from .attention_map import AttentionMap, attention_rows, save_attention_png
+from .nn import SelfAttention2d
+from .families import AttentionFamily, register_adapter, unregister_adapter
+from .swap import SwapHandle, swap_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionFamily",
+    "AttentionMap",
     "BackendUnavailableError",
+    "SelfAttention2d",
+    "SwapHandle",
+    "attention_rows",
+    "register_adapter",
+    "save_attention_png",
+    "swap_attention",
+    "unregister_adapter",
     "available_backends",
     "reference_attention",
     "spatial_attention",

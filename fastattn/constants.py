@@ -30,6 +30,17 @@ ERROR_RATIO_OUT = 2.0
 ERROR_RATIO_GRAD = 3.0
 ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
 
+# --- swap_attention probe (fastattn/swap.py) --------------------------------------------------
+# Before swapping a layer, its original forward and fastattn's run on random inputs of these
+# (H, W) sizes (batch 2, the layer's C), on a deep copy in eval mode with the residual scalar set
+# to this value (not 0: the layer would be the identity; not 1: `o + x` would pass for
+# `gamma * o + x`). The first size is even so every family runs it; the odd one checks the
+# pooling rule of the families whose originals accept odd sizes. Chosen, not measured: a few
+# dozen pixels make the probe cost ~1 ms per layer and still tell every known variant apart
+# (tests/test_swap.py: old heykeetae forks, scaled logits, ceil vs floor pooling).
+SWAP_PROBE_SIZES = ((6, 4), (5, 3))
+SWAP_PROBE_SCALAR = 0.75
+
 # --- reference GAN (fastattn.models, tests/test_models_parity.py) ----------------------------
 # Largest difference allowed between the losses (and mean D logits) of a naive-layer run and a
 # fastattn run of the reference GAN from the same weights, batches and noise, over the first 6

@@ -1,0 +1,286 @@
+"""Attention maps for people: exact rows for chosen query pixels, a lazy (B, N, M) map, a PNG.
+
+The fused layers never build the (B, N, M) attention matrix. A row of it, for query pixel i of
+image b, is softmax_j(scale * q[b, :, i] . k[b, :, j]); it costs O(d_qk * M) to recompute from
+q and k, and with the saved log-sum-exp it is exactly exp(logit - lse) with the normalisation the
+kernel used. `attention_rows` does that for chosen pixels, `AttentionMap` wraps it behind the
+indexing of the full tensor (what heykeetae's layer returns), and `save_attention_png` draws
+the SAGAN paper's figure: where a query pixel looks in the image.
+"""
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["AttentionMap", "attention_rows", "attention_overlay", "save_attention_png"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _query_indices(query_index, n_queries: int, device) -> tuple[Tensor, bool]:
+    """(1-D LongTensor of query pixels, whether a single int was given)."""
+    if isinstance(query_index, Tensor) and query_index.dim() == 0:
+        query_index = int(query_index)
+    if isinstance(query_index, numbers.Integral) and not isinstance(query_index, bool):
+        index, single = torch.tensor([int(query_index)]), True
+    elif isinstance(query_index, slice):
+        index, single = torch.arange(n_queries)[query_index], False
+    else:
+        try:
+            index = torch.as_tensor(query_index)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"query_index must be an int, a slice, a sequence of ints or a 1-D integer "
+                            f"tensor, got {type(query_index).__name__}") from error
+        if index.dim() != 1 or index.dtype == torch.bool or (index.numel() and index.is_floating_point()):
+            raise TypeError(f"query_index must be an int, a slice, a sequence of ints or a 1-D integer "
+                            f"tensor, got {query_index!r}")
+        index, single = index.long(), False
+    if index.numel() and (int(index.min()) < -n_queries or int(index.max()) >= n_queries):
+        raise IndexError(f"query_index must lie in [-{n_queries}, {n_queries}) for N={n_queries} query "
+                         f"pixels, got {query_index!r}")
+    return index.remainder(max(n_queries, 1)).to(device), single
+
+
+def _rows(q: Tensor, k: Tensor, index: Tensor, scale: float, lse: Tensor | None) -> Tensor:
+    """(B, n, M) probabilities for query pixels `index`, in q's dtype, computed in >= fp32."""
+    acc = _acc_dtype(q.dtype)
+    q_sel = q.index_select(2, index).to(acc)  # (B, d_qk, n)
+    logits = torch.bmm(q_sel.transpose(1, 2), k.to(acc))
+    if scale != 1.0:
+        logits = logits * scale
+    if lse is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        probs = torch.exp(logits - lse.index_select(1, index).to(acc).unsqueeze(-1))
+    return probs.to(q.dtype)
+
+
+def _check_qk(q, k, lse=None) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 3-D tensor ({'(B, d_qk, N)' if name == 'q' else '(B, d_qk, M)'}), got {got}")
+    if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1]:
+        raise ValueError(f"k must have shape ({q.shape[0]}, {q.shape[1]}, M) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if lse is not None and (not isinstance(lse, Tensor) or tuple(lse.shape) != (q.shape[0], q.shape[2])):
+        got = tuple(lse.shape) if isinstance(lse, Tensor) else type(lse).__name__
+        raise ValueError(f"lse must have shape (B, N) = {(q.shape[0], q.shape[2])}, got {got}")
+
+
+def attention_rows(q: Tensor, k: Tensor, query_index, *, scale: float = 1.0,
+                   lse: Tensor | None = None) -> Tensor:
+    """Exact attention rows softmax_j(scale * q[b, :, i] . k[b, :, j]) for chosen query pixels.
+
+    q: (B, d_qk, N), k: (B, d_qk, M) (the layer's conv outputs, flattened); query_index: an int
+    (returns (B, M)), or a slice / sequence / 1-D tensor of flat pixel indices i = row * W + col
+    (returns (B, n, M)). Costs O(B * n * M * d_qk): the (B, N, M) matrix is never built.
+    lse: optional (B, N) log-sum-exp saved by `spatial_attention(..., return_lse=True)`; with it
+    the rows are exp(logit - lse), normalised exactly as the forward pass was.
+    """
+    _check_qk(q, k, lse)
+    index, single = _query_indices(query_index, q.shape[2], q.device)
+    rows = _rows(q, k, index, float(scale), lse)
+    return rows[:, 0] if single else rows
+
+
+class AttentionMap:
+    """The (B, N, M) attention matrix of one layer call, computed only where it is looked at.
+
+    `map[b, i]` is the exact row (length M) of query pixel i in image b; `map[b]`, `map[b, i0:i1]`,
+    `map[b, [i, ...]]` give several rows; a third index selects keys. Batch and query indices
+    combine as an outer product (map[[0, 1], [5, 7]] is (2, 2, M)). `materialize()` builds the
+    full tensor; torch functions and tensor methods applied to the map materialize it first.
+    It holds q, k and the lse (tensors the layer saved for backward anyway), nothing N x M.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, lse: Tensor | None = None, *, scale: float = 1.0,
+                 query_hw: tuple[int, int] | None = None, key_hw: tuple[int, int] | None = None):
+        _check_qk(q, k, lse)
+        self.q, self.k, self.lse, self.scale = q, k, lse, float(scale)
+        self.query_hw, self.key_hw = query_hw, key_hw
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.q.shape[0], self.q.shape[2], self.k.shape[2]))
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 3
+
+    ndim = property(dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"AttentionMap(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"query_hw={self.query_hw}, key_hw={self.key_hw})")
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        if len(key) > 3:
+            raise IndexError(f"AttentionMap has 3 dimensions (B, N, M), got {len(key)} indices")
+        batch = key[0]
+        if isinstance(batch, Tensor) and batch.dim() == 0:
+            batch = int(batch)
+        single_batch = isinstance(batch, numbers.Integral) and not isinstance(batch, bool)
+        if single_batch:
+            n_batch = self.q.shape[0]
+            if not -n_batch <= batch < n_batch:
+                raise IndexError(f"batch index {batch} is out of range for B={n_batch}")
+            batch = slice(batch % n_batch, batch % n_batch + 1)
+        q, k = self.q[batch], self.k[batch]
+        lse = None if self.lse is None else self.lse[batch]
+        index, single_query = _query_indices(key[1] if len(key) > 1 else slice(None), q.shape[2], q.device)
+        rows = _rows(q, k, index, self.scale, lse)
+        if single_query:
+            rows = rows[:, 0]
+        if single_batch:
+            rows = rows[0]
+        if len(key) == 3:
+            rows = rows[..., key[2]]
+        return rows
+
+    def row(self, b: int, i: int) -> Tensor:
+        """The attention row (length M) of query pixel i of image b."""
+        return self[b, i]
+
+    def materialize(self) -> Tensor:
+        """The full (B, N, M) tensor, as the original layer returned it."""
+        return self[:, :]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def unwrap(a):
+            if isinstance(a, AttentionMap):
+                return a.materialize()
+            if isinstance(a, (list, tuple)):
+                return type(a)(unwrap(x) for x in a)
+            return a
+
+        return func(*unwrap(args), **{name: unwrap(a) for name, a in (kwargs or {}).items()})
+
+    def __getattr__(self, name):
+        # Tensor methods (map.cpu(), map.mean(), map.numpy() ...) act on the materialized map.
+        if name.startswith("_") or name in ("q", "k", "lse", "scale", "query_hw", "key_hw"):
+            raise AttributeError(name)
+        if not hasattr(Tensor, name):
+            raise AttributeError(f"'AttentionMap' object has no attribute {name!r}")
+        return getattr(self.materialize(), name)
+
+
+def attention_overlay(rows: Tensor, key_hw: tuple[int, int], image_hw: tuple[int, int]) -> Tensor:
+    """Heatmaps (n, H, W) in [0, 1]: each attention row (n, M) laid on the key grid key_hw and
+    stretched (nearest) over the image, divided by its maximum."""
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(0)
+    key_h, key_w = key_hw
+    if rows.dim() != 2 or rows.shape[1] != key_h * key_w:
+        raise ValueError(f"rows must have shape (n, M) with M = {key_h}*{key_w} = {key_h * key_w} "
+                         f"(key_hw={tuple(key_hw)}), got {tuple(rows.shape)}")
+    grid = rows.detach().to(torch.float32).reshape(-1, 1, key_h, key_w)
+    heat = F.interpolate(grid, size=tuple(image_hw), mode="nearest")[:, 0]
+    peak = heat.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return heat / peak[:, None, None]
+
+
+def _image_hwc(image) -> "numpy.ndarray":  # noqa: F821
+    import numpy as np
+
+    img = torch.as_tensor(image).detach().to("cpu", torch.float32)
+    if img.dim() == 3 and img.shape[0] in (1, 3) and img.shape[2] not in (1, 3):
+        img = img.permute(1, 2, 0)
+    if img.dim() == 2:
+        img = img.unsqueeze(-1)
+    if img.dim() != 3 or img.shape[2] not in (1, 3):
+        raise ValueError(f"image must be (3, H, W), (1, H, W), (H, W, 3) or (H, W), got {tuple(torch.as_tensor(image).shape)}")
+    if float(img.min()) < 0:  # GAN outputs live in [-1, 1]
+        img = (img + 1) / 2
+    elif float(img.max()) > 1.5:  # 0..255
+        img = img / 255
+    img = img.clamp(0, 1).numpy()
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def save_attention_png(path, image, attention, query_pixels, *, image_index: int = 0,
+                       query_hw: tuple[int, int] | None = None, key_hw: tuple[int, int] | None = None,
+                       alpha: float = 0.6, dpi: int = 100) -> Path:
+    """Draw where chosen query pixels attend, over the image, as a PNG (matplotlib Agg).
+
+    image: the picture the layer saw, (3, H, W) / (H, W, 3) / (H, W), values in [-1, 1], [0, 1]
+        or 0..255. attention: an `AttentionMap` (query_hw / key_hw come from it) or a (B, N, M)
+        / (N, M) tensor. query_pixels: (row, col) pairs in image coordinates; each is mapped to
+        the query grid query_hw. One panel per query: its attention row stretched over the image.
+    Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    picture = _image_hwc(image)
+    image_h, image_w = picture.shape[:2]
+    if isinstance(attention, AttentionMap):
+        query_hw = query_hw or attention.query_hw
+        key_hw = key_hw or attention.key_hw
+        n_queries = attention.shape[1]
+    else:
+        if attention.dim() == 3:
+            attention = attention[image_index]
+        n_queries = attention.shape[0]
+    if query_hw is None or key_hw is None:
+        raise ValueError("query_hw and key_hw (the (h, w) grids of queries and keys) are needed "
+                         "when attention is a plain tensor")
+    if query_hw[0] * query_hw[1] != n_queries:
+        raise ValueError(f"query_hw={tuple(query_hw)} holds {query_hw[0] * query_hw[1]} pixels but the "
+                         f"attention has N={n_queries} queries")
+    pixels = [tuple(int(c) for c in p) for p in query_pixels]
+    for row, col in pixels:
+        if not (0 <= row < image_h and 0 <= col < image_w):
+            raise ValueError(f"query pixel {(row, col)} lies outside the {image_h}x{image_w} image")
+    flat = [(row * query_hw[0] // image_h) * query_hw[1] + (col * query_hw[1] // image_w)
+            for row, col in pixels]
+    if isinstance(attention, AttentionMap):
+        rows = attention[image_index, flat]
+    else:
+        rows = attention[torch.tensor(flat, device=attention.device)]
+    heat = attention_overlay(rows, key_hw, (image_h, image_w)).numpy()
+
+    fig = Figure(figsize=(2.2 * (len(pixels) + 1), 2.4), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(pixels) + 1, squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(pixels))]
+    axes[0].imshow(picture, interpolation="nearest")
+    axes[0].set_title("query pixels", fontsize=8)
+    for (row, col), color in zip(pixels, colors):
+        axes[0].scatter([col], [row], s=30, c=color, edgecolors="white", linewidths=0.8)
+    for ax, (row, col), color, h in zip(axes[1:], pixels, colors, heat):
+        ax.imshow(picture, interpolation="nearest")
+        ax.imshow(h, cmap="inferno", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.scatter([col], [row], s=30, c=color, edgecolors="white", linewidths=0.8)
+        ax.set_title(f"({row}, {col})", fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path

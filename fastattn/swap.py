@@ -1,0 +1,300 @@
+"""`swap_attention(model)`: make the attention layers already inside a model run through fastattn.
+
+The layers are found by structure (`fastattn.families`), never by importing the user's code, and
+swapped Liger-style: only `forward` is replaced on the existing module *instance*. The convs,
+their spectral norm (hooks, parametrizations, BigGAN's own `u0`/`sv0` power iteration), the
+residual scalar and every state_dict key stay where they are; the swapped forward calls the
+conv submodules themselves, so whatever runs inside them (SN updates in training, hooks) runs
+exactly as before. `handle.revert()` removes the instance forward and the class's own forward
+is back.
+
+Before swapping, a probe runs the original forward and the swapped one on a small random input
+(on a deep copy in eval mode, residual scalar 0.75, so the user's module and its SN state are
+not touched) and refuses the module if they differ: structure cannot see extra arithmetic
+inside a user's forward, the probe can.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention_map import AttentionMap
+from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SIZES
+from .dispatch import BackendUnavailableError, get_backend
+from .families import AttentionFamily, forward_signature, match
+from .nn import attention_core
+from .constants import TOLERANCES
+from .testing import describe_mismatch
+
+__all__ = ["swap_attention", "SwapHandle", "SwappedLayer", "SkippedLayer", "run_family",
+           "is_swapped"]
+
+_STATE = "_fastattn_swap"
+
+
+@dataclass
+class _SwapState:
+    family: AttentionFamily
+    backend: str | None
+    recorder: list | None = field(default=None, compare=False)
+
+
+def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend: str | None = None,
+               want_map: bool = False) -> tuple[Tensor, AttentionMap | None]:
+    """The family's layer computed with fastattn on `module`'s own submodules: (y, map or None)."""
+    if not isinstance(x, Tensor) or x.dim() < 3:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (B, C, H, W) tensor for the {family.name} attention layer, got {got}")
+    inp = x.reshape(x.shape[0], x.shape[1], -1) if family.conv_dim == 1 else x
+    if family.pooled and family.pool != "ceil" and min(x.shape[2:]) < 2:
+        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2, so x needs H >= 2 and "
+                         f"W >= 2, got {tuple(x.shape)}")
+    q = getattr(module, family.query)(inp)
+    k = getattr(module, family.key)(inp)
+    v = getattr(module, family.value)(inp)
+    if family.pool_module:
+        pool = getattr(module, family.pool_module)
+        k, v = pool(k), pool(v)
+    elif family.pool:
+        ceil = family.pool == "ceil"
+        k = F.max_pool2d(k, kernel_size=2, stride=2, ceil_mode=ceil)
+        v = F.max_pool2d(v, kernel_size=2, stride=2, ceil_mode=ceil)
+    key_hw = tuple(k.shape[2:]) if family.conv_dim == 2 else tuple(x.shape[2:])
+    q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+    if family.roles_swapped:  # softmax over the query conv's pixels: the key conv asks
+        q, k = k, q
+    amap, scale = None, family.scale
+    if want_map:
+        out, lse = attention_core(q, k, v, scale=scale, backend=backend, return_lse=True)
+        scale = scale if scale is not None else q.shape[1] ** -0.5
+        amap = AttentionMap(q, k, lse, scale=scale, query_hw=tuple(x.shape[2:]), key_hw=key_hw)
+    else:
+        out = attention_core(q, k, v, scale=scale, backend=backend)
+    out = out.view(*out.shape[:2], *x.shape[2:])
+    if family.out:
+        out = getattr(module, family.out)(out)
+    y = getattr(module, family.scalar) * out + x
+    for name in family.after_residual:
+        y = getattr(module, name)(y)
+    return y, amap
+
+
+class _SwappedForward:
+    """The `forward` fastattn puts on a swapped module instance (deep-copyable, picklable)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return forward_signature(self.module)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        state: _SwapState = module.__dict__[_STATE]
+        family = state.family
+        if args and not kwargs and len(args) <= 1 + family.extra_forward_args:
+            x = args[0]
+        else:  # keyword call or a wrong call: let the original signature say what is wrong
+            x = next(iter(forward_signature(module).bind(*args, **kwargs).arguments.values()))
+        want_map = family.returns_attention or state.recorder is not None
+        y, amap = run_family(module, family, x, backend=state.backend, want_map=want_map)
+        if state.recorder is not None:
+            state.recorder.append(amap)
+        return (y, amap) if family.returns_attention else y
+
+
+def is_swapped(module: nn.Module) -> bool:
+    """Whether fastattn's forward is installed on this module instance."""
+    return _STATE in module.__dict__ and isinstance(module.__dict__.get("forward"), _SwappedForward)
+
+
+@dataclass(frozen=True)
+class SwappedLayer:
+    name: str  # qualified name in the model ("" for the model itself)
+    family: str
+    module_type: str
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    module_type: str
+    reasons: dict  # family name -> list of reasons it is not that family
+
+    def __str__(self) -> str:
+        why = "; ".join(f"as {fam}: {', '.join(r)}" for fam, r in self.reasons.items())
+        return f"{self.name or '<model>'} ({self.module_type}) not swapped: {why}"
+
+
+class SwapHandle:
+    """What `swap_attention` did. `swapped`, `skipped` (with reasons) and `already_swapped` list
+    the layers; `revert()` restores them; usable as a context manager (reverts on exit)."""
+
+    def __init__(self):
+        self.swapped: list[SwappedLayer] = []
+        self.skipped: list[SkippedLayer] = []
+        self.already_swapped: list[SwappedLayer] = []
+        self._installed: list[tuple[SwappedLayer, nn.Module, _SwapState]] = []
+
+    def __repr__(self) -> str:
+        return (f"SwapHandle(swapped={[(s.name, s.family) for s in self.swapped]}, "
+                f"skipped={[s.name for s in self.skipped]}, "
+                f"already_swapped={[s.name for s in self.already_swapped]})")
+
+    def summary(self) -> str:
+        lines = [f"swapped {s.name or '<model>'} ({s.module_type}) as {s.family}" for s in self.swapped]
+        lines += [f"already swapped {s.name or '<model>'} as {s.family}" for s in self.already_swapped]
+        lines += [str(s) for s in self.skipped]
+        return "\n".join(lines) or "no attention layers found"
+
+    def revert(self) -> list[str]:
+        """Give the swapped modules their own forward back. Returns the names reverted."""
+        reverted = []
+        for record, module, state in self._installed:
+            if module.__dict__.get(_STATE) is state:
+                del module.__dict__[_STATE]
+                if isinstance(module.__dict__.get("forward"), _SwappedForward):
+                    del module.__dict__["forward"]
+                reverted.append(record.name)
+        self._installed = []
+        return reverted
+
+    def __enter__(self) -> "SwapHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect the attention of every swapped layer call: yields {name: [AttentionMap, ...]}."""
+        maps: dict[str, list] = {}
+        states = [(record.name, state) for record, _, state in self._installed]
+        for name, state in states:
+            state.recorder = maps.setdefault(name, [])
+        try:
+            yield maps
+        finally:
+            for _, state in states:
+                state.recorder = None
+
+
+def _probe(module: nn.Module, family: AttentionFamily) -> str | None:
+    """None when the original forward and fastattn's agree on small random inputs, else why not."""
+    scalar = getattr(module, family.scalar)
+    if scalar.device.type == "meta":
+        return None
+    try:
+        twin = copy.deepcopy(module)
+    except Exception as error:  # noqa: BLE001 - any failure means we cannot check
+        return f"could not be copied to verify it ({type(error).__name__}: {error}); pass verify=False to swap unchecked"
+    twin.eval()
+    with torch.no_grad():
+        getattr(twin, family.scalar).fill_(SWAP_PROBE_SCALAR)
+    channels = getattr(twin, family.query).in_channels
+    generator = torch.Generator().manual_seed(0)
+    tol = TOLERANCES.get(scalar.dtype, TOLERANCES[torch.float32])
+    for attempt, (height, width) in enumerate(SWAP_PROBE_SIZES):
+        x = torch.randn(2, channels, height, width, generator=generator, dtype=torch.float64)
+        x = x.to(scalar.device, scalar.dtype)
+        with torch.no_grad(), torch.autocast(scalar.device.type, enabled=False):
+            try:
+                want = type(twin).forward(twin, x)
+            except Exception as error:  # noqa: BLE001
+                if attempt == 0:
+                    return (f"its forward raised {type(error).__name__} on a probe input of shape "
+                            f"{tuple(x.shape)}: {error}")
+                continue  # odd sizes: many originals reshape with h*w//4 and crash
+            got, amap = run_family(twin, family, x, backend="torch", want_map=family.returns_attention)
+        pairs = [("output", got, want)]
+        if family.returns_attention:
+            if not (isinstance(want, tuple) and len(want) == 2 and isinstance(want[1], Tensor)
+                    and tuple(want[1].shape) == tuple(amap.shape)):
+                return f"its forward does not return (out, attention of shape {tuple(amap.shape)})"
+            pairs = [("output", got, want[0]), ("attention", amap.materialize(), want[1])]
+        elif not isinstance(want, Tensor):
+            return f"its forward returns {type(want).__name__}, the {family.name} layer returns a tensor"
+        for what, a, b in pairs:
+            if a.shape != b.shape or not torch.isclose(a, b, **tol).all():
+                detail = (f"shape {tuple(a.shape)} vs {tuple(b.shape)}" if a.shape != b.shape
+                          else describe_mismatch(a, b, tol["atol"], tol["rtol"], what))
+                return (f"its forward computes something other than the {family.name} layer on a probe "
+                        f"input of shape {tuple(x.shape)} ({detail}); it may do extra work inside "
+                        "forward: describe the variant with fastattn.register_adapter")
+    return None
+
+
+def _check_backend(backend) -> None:
+    if backend is None:
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    reasons = get_backend(backend).unavailable()
+    if reasons:
+        raise BackendUnavailableError(f"backend {backend!r} (requested by backend=) cannot run here: "
+                                      f"{'; '.join(reasons)}. Pass backend=None for automatic choice.")
+
+
+def swap_attention(model: nn.Module, *, backend: str | None = None, strict: bool = False,
+                   verify: bool = True) -> SwapHandle:
+    """Make every recognised attention layer in `model` run through fastattn, in place.
+
+    backend: the fastattn backend for the swapped layers (None = automatic per call); a named
+        backend that cannot run here raises now.
+    strict: raise LookupError when no attention layer was swapped (listing near misses).
+    verify: run the probe (see module docstring) before swapping each layer.
+    Layers that only partly match a family are left alone and listed in `handle.skipped` with
+    the reasons (a UserWarning says so too). Swapping an already swapped model changes nothing.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, flag in (("strict", strict), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _check_backend(backend)
+    handle = SwapHandle()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if _STATE in module.__dict__:
+            handle.already_swapped.append(SwappedLayer(name, module.__dict__[_STATE].family.name, kind))
+            continue
+        matches = match(module)
+        if not matches:
+            continue
+        reasons = {m.family.name: list(m.reasons) for m in matches}
+        chosen = None
+        for candidate in (m for m in matches if m.ok):
+            if "forward" in module.__dict__:
+                reasons[candidate.family.name] = ["its forward is already replaced on this instance by other code"]
+                continue
+            failure = _probe(module, candidate.family) if verify else None
+            if failure:
+                reasons[candidate.family.name] = [failure]
+                continue
+            chosen = candidate.family
+            break
+        if chosen is None:
+            handle.skipped.append(SkippedLayer(name, kind, reasons))
+            continue
+        state = _SwapState(chosen, backend)
+        module.__dict__[_STATE] = state
+        module.__dict__["forward"] = _SwappedForward(module)
+        record = SwappedLayer(name, chosen.name, kind)
+        handle.swapped.append(record)
+        handle._installed.append((record, module, state))
+    if strict and not handle.swapped and not handle.already_swapped:
+        raise LookupError("swap_attention(strict=True) found no attention layer to swap in "
+                          f"{type(model).__name__}" + (":\n" + handle.summary() if handle.skipped else
+                                                       " (no module has the structure of a known family)"))
+    if handle.skipped:
+        warnings.warn("fastattn.swap_attention left attention-like layers unswapped:\n"
+                      + "\n".join(str(s) for s in handle.skipped), UserWarning, stacklevel=2)
+    return handle

@@ -1,0 +1,118 @@
+"""attention_rows, AttentionMap and the PNG renderer."""
+import numpy as np
+import pytest
+import torch
+
+import fastattn
+from fastattn import AttentionMap, attention_rows, save_attention_png
+from fastattn.attention_map import attention_overlay
+from fastattn.reference import reference_attention_map
+from fastattn.testing import assert_close
+
+
+def _qk(batch=2, d_qk=3, n=20, m=12, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, d_qk, n, generator=g, dtype=dtype) * 2,
+            torch.randn(batch, d_qk, m, generator=g, dtype=dtype) * 2)
+
+
+@pytest.mark.parametrize("index", [7, -1, [0, 19, 3], slice(2, 9, 3), torch.tensor([5, 5])],
+                         ids=["int", "negative", "list", "slice", "tensor"])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_attention_rows_equal_the_rows_of_the_full_map(index, scale):
+    q, k = _qk()
+    full = reference_attention_map(q, k, scale)
+    got = attention_rows(q, k, index, scale=scale)
+    want = full[:, index] if not isinstance(index, torch.Tensor) else full[:, index]
+    assert_close(got, want, name=f"rows {index}")
+
+
+def test_attention_rows_from_the_saved_lse_equal_the_softmax_rows():
+    q, k = _qk(n=30, m=30)
+    v = torch.randn(2, 4, 30, dtype=torch.float64)
+    _, lse = fastattn.spatial_attention(q, k, v, backend="torch", return_lse=True)
+    assert_close(attention_rows(q, k, [1, 29], lse=lse), reference_attention_map(q, k)[:, [1, 29]])
+
+
+def test_attention_rows_of_fp16_inputs_with_large_logits_stay_finite():
+    q, k = _qk(d_qk=16, dtype=torch.float16)
+    q, k = q * 40, k * 40  # logits ~ 1e5: an fp16 bmm would overflow to inf
+    rows = attention_rows(q, k, [0, 1])
+    assert rows.dtype == torch.float16 and torch.isfinite(rows).all()
+    assert_close(rows, reference_attention_map(q.double(), k.double())[:, [0, 1]], dtype=torch.float16)
+
+
+def test_attention_rows_reject_bad_indices_and_shapes():
+    q, k = _qk()
+    with pytest.raises(IndexError, match=r"\[-20, 20\) for N=20"):
+        attention_rows(q, k, 20)
+    with pytest.raises(TypeError, match="query_index must be"):
+        attention_rows(q, k, [0.5])
+    with pytest.raises(ValueError, match=r"k must have shape \(2, 3, M\)"):
+        attention_rows(q, k[:, :2], 0)
+    with pytest.raises(ValueError, match=r"lse must have shape \(B, N\) = \(2, 20\)"):
+        attention_rows(q, k, 0, lse=torch.zeros(2, 19))
+
+
+def test_attention_map_indexing_matches_the_materialized_tensor():
+    q, k = _qk()
+    amap = AttentionMap(q, k)
+    full = reference_attention_map(q, k)
+    assert amap.shape == full.shape and amap.size(1) == 20 and amap.dim() == 3 and len(amap) == 2
+    assert_close(amap.materialize(), full)
+    assert_close(amap[1, 4], full[1, 4])
+    assert_close(amap[-1], full[-1])
+    assert_close(amap[0, 2:5, 3], full[0, 2:5, 3])
+    assert_close(amap[[0, 1], [3, 8]], full[:, [3, 8]])  # outer indexing, documented
+    assert_close(amap.row(0, 11), full[0, 11])
+    with pytest.raises(IndexError, match="out of range for B=2"):
+        amap[2, 0]
+
+
+def test_attention_map_acts_as_a_tensor_in_torch_functions_and_methods():
+    q, k = _qk()
+    amap, full = AttentionMap(q, k), reference_attention_map(q, k)
+    assert_close(torch.sum(amap, dim=-1), torch.ones(2, 20, dtype=torch.float64))
+    assert_close(amap.cpu(), full)
+    assert_close(amap.mean(), full.mean())
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        amap.nonsense
+
+
+def test_self_attention2d_attention_map_rows_match_the_naive_map():
+    layer = fastattn.SelfAttention2d(16, pool=True, backend="torch").double()
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    amap = layer.attention_map(x)
+    q = layer.theta(x).flatten(2)
+    k = torch.nn.functional.max_pool2d(layer.phi(x), 2).flatten(2)
+    assert amap.query_hw == (6, 5) and amap.key_hw == (3, 2)
+    assert_close(amap[1, 17], reference_attention_map(q, k)[1, 17])
+
+
+def test_overlay_puts_the_heat_where_the_attention_row_peaks():
+    row = torch.zeros(1, 12)
+    row[0, 1 * 4 + 2] = 1.0  # key pixel (1, 2) of a 3x4 key grid
+    heat = attention_overlay(row, (3, 4), (6, 8))[0]
+    assert heat.shape == (6, 8)
+    hot = (heat == 1).nonzero().tolist()
+    assert hot == [[r, c] for r in (2, 3) for c in (4, 5)]
+    assert float(heat.sum()) == 4.0
+
+
+def test_save_attention_png_writes_one_panel_per_query_pixel(tmp_path):
+    from PIL import Image
+
+    layer = fastattn.SelfAttention2d(16, pool=True, backend="torch")
+    features = torch.randn(1, 16, 8, 8)
+    image = torch.rand(3, 32, 32) * 2 - 1
+    path = save_attention_png(tmp_path / "attn.png", image, layer.attention_map(features),
+                              [(3, 4), (20, 30)], dpi=50)
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.size == (int(2.2 * 3 * 50), int(2.4 * 50))
+        pixels = torch.from_numpy(np.asarray(png.convert("L"), dtype=np.float32))
+    assert float(pixels.std()) > 1.0  # something was drawn
+    with pytest.raises(ValueError, match="outside the 32x32 image"):
+        save_attention_png(tmp_path / "bad.png", image, layer.attention_map(features), [(32, 0)])
+    with pytest.raises(ValueError, match="query_hw and key_hw"):
+        save_attention_png(tmp_path / "bad.png", image, torch.rand(64, 16), [(0, 0)])

@@ -1,0 +1,149 @@
+"""fastattn.nn.SelfAttention2d: the drop-in layer, fused vs naive on the same parameters."""
+import copy
+
+import pytest
+import torch
+
+import fastattn
+import fastattn.nn as fnn
+from fastattn.nn import SelfAttention2d
+from fastattn.testing import assert_close
+
+CONFIGS = {
+    "unpooled_sagan": dict(pool=False, out_conv=False, bias=True),
+    "pooled_biggan_sn": dict(pool=True, spectral_norm=True),
+    "pooled_bias": dict(pool=True, bias=True),
+    "unpooled_out_conv_custom_widths": dict(pool=False, qk_channels=3, v_channels=5),
+}
+
+
+def _pair(config, channels=16, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    fused = SelfAttention2d(channels, backend="torch", **config).to(dtype)
+    with torch.no_grad():
+        fused.gamma.fill_(0.7)
+    naive = SelfAttention2d(channels, attention="naive", **config).to(dtype)
+    naive.load_state_dict(fused.state_dict())
+    return fused, naive
+
+
+def test_default_widths_follow_the_two_families():
+    unpooled, pooled = SelfAttention2d(64), SelfAttention2d(64, pool=True)
+    assert (unpooled.theta.out_channels, unpooled.phi.out_channels, unpooled.g.out_channels) == (8, 8, 64)
+    assert (pooled.theta.out_channels, pooled.g.out_channels, pooled.o.in_channels) == (8, 32, 32)
+    assert pooled.o.out_channels == 64
+    assert SelfAttention2d(64, out_conv=False).o is None
+
+
+def test_gamma_starts_at_zero_so_the_layer_starts_as_identity():
+    layer = SelfAttention2d(16, pool=True)
+    assert layer.gamma.shape == () and float(layer.gamma.detach()) == 0.0
+    x = torch.randn(2, 16, 6, 6)
+    assert torch.equal(layer(x), x)
+
+
+def test_package_exports_the_layer():
+    assert fastattn.SelfAttention2d is SelfAttention2d
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("hw", [(6, 8), (7, 5)], ids=["even", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_fused_matches_naive_outputs_and_all_gradients(name, hw, dtype):
+    fused, naive = _pair(CONFIGS[name], dtype=dtype)
+    x = torch.randn(2, 16, *hw, dtype=dtype)
+    x_fused, x_naive = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_fused, out_naive = fused(x_fused), naive(x_naive)
+    assert_close(out_fused, out_naive, name=f"{name} output")
+    grad = torch.randn_like(out_fused)
+    out_fused.backward(grad)
+    out_naive.backward(grad)
+    assert_close(x_fused.grad, x_naive.grad, name="grad of x")
+    params_naive = dict(naive.named_parameters())
+    for pname, param in fused.named_parameters():
+        assert_close(param.grad, params_naive[pname].grad, name=f"grad of {pname}")
+
+
+def test_state_dict_keys_are_identical_between_fused_and_naive_modes():
+    fused, naive = _pair(CONFIGS["pooled_biggan_sn"])
+    assert list(fused.state_dict()) == list(naive.state_dict())
+    assert "gamma" in fused.state_dict() and any(k.startswith("o.") for k in fused.state_dict())
+
+
+def test_spectral_norm_state_updates_identically_in_training():
+    fused, naive = _pair(CONFIGS["pooled_biggan_sn"])
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    for layer in (fused, naive):
+        layer.train()
+        layer(x).square().mean().backward()
+    naive_state = naive.state_dict()
+    before = _pair(CONFIGS["pooled_biggan_sn"])[0].state_dict()
+    changed = [k for k, v in fused.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("_u") for k in changed), "spectral norm power iteration did not run"
+    for key, value in fused.state_dict().items():
+        assert_close(value, naive_state[key], name=key)
+
+
+def test_pooled_odd_sizes_floor_the_key_grid():
+    layer = SelfAttention2d(16, pool=True, backend="torch")
+    amap = layer.attention_map(torch.randn(1, 16, 7, 5))
+    assert amap.shape == (1, 35, 3 * 2) and amap.key_hw == (3, 2)
+
+
+def test_attention_receives_views_of_the_conv_outputs_not_copies(monkeypatch):
+    layer = SelfAttention2d(16, pool=False, backend="torch")
+    conv_out, seen = {}, {}
+    for name in ("theta", "phi", "g"):
+        getattr(layer, name).register_forward_hook(
+            lambda mod, args, out, name=name: conv_out.__setitem__(name, out))
+    real = fnn.spatial_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.update(q=q, k=k, v=v)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(fnn, "spatial_attention", spy)
+    layer(torch.randn(2, 16, 5, 6))
+    for arg, name in (("q", "theta"), ("k", "phi"), ("v", "g")):
+        assert seen[arg].data_ptr() == conv_out[name].data_ptr(), f"{arg} is a copy"
+        assert seen[arg]._base is conv_out[name], f"{arg} is not a view of {name}'s output"
+
+
+def test_fused_layer_under_cpu_bf16_autocast_stays_close_to_fp32():
+    fused, _ = _pair(CONFIGS["pooled_biggan_sn"], dtype=torch.float32)
+    fused.eval()
+    x = torch.randn(2, 16, 8, 8)
+    want = fused(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(x)
+    assert got.dtype in (torch.bfloat16, torch.float32)
+    assert_close(got.float(), want, dtype=torch.bfloat16, name="bf16 autocast output")
+
+
+def test_deepcopy_keeps_parameters_and_output():
+    fused, _ = _pair(CONFIGS["pooled_bias"])
+    twin = copy.deepcopy(fused)
+    x = torch.randn(1, 16, 4, 4, dtype=torch.float64)
+    assert torch.equal(twin(x), fused(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(in_channels=16, out_conv=False, pool=True), "v_channels must equal in_channels=16"),
+        (dict(in_channels=16, attention="flash"), "attention must be one of"),
+        (dict(in_channels=16, qk_channels=0), "qk_channels must be >= 1"),
+        (dict(in_channels=16, attention="naive", backend="torch"), "only applies to attention='fastattn'"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SelfAttention2d(**kwargs)
+
+
+def test_bad_inputs_name_the_expected_shape():
+    layer = SelfAttention2d(16, pool=True)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, in_channels=16, H, W\), got \(2, 8, 4, 4\)"):
+        layer(torch.randn(2, 8, 4, 4))
+    with pytest.raises(ValueError, match="H >= 2 and W >= 2"):
+        layer(torch.randn(2, 16, 1, 4))

@@ -1,0 +1,159 @@
+"""swap_attention on each layer family of GAN_LAYERS.md: swapped vs the user's original forward.
+
+Every family replica (tests/gan_families.py) is built, its residual scalar set non-zero, deep
+copied and the copy swapped; both then see the same input in fp64 and fp32, train and eval mode:
+outputs, attention rows, the gradients of the input and of every parameter, the spectral-norm
+buffers after a training step, and the state_dict both ways must agree.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.reference import reference_attention
+from fastattn.swap import is_swapped
+from fastattn.testing import assert_close
+from gan_families import (EXPECTED_FAMILY, FAMILY_BUILDERS, ODD_SIZES_IN_ORIGINAL,
+                          set_residual_scalar, warm_up_spectral_norm)
+
+CHANNELS = 16
+SIZES = {"even": (6, 8), "odd": (5, 7)}
+
+
+def _cases():
+    for family in sorted(FAMILY_BUILDERS):
+        for size in SIZES:
+            if size == "odd" and family not in ODD_SIZES_IN_ORIGINAL:
+                continue
+            yield family, size
+
+
+def _original_and_swapped(family, dtype, training):
+    original = warm_up_spectral_norm(set_residual_scalar(FAMILY_BUILDERS[family](CHANNELS).to(dtype)))
+    original.train(training)
+    swapped = copy.deepcopy(original)
+    handle = fastattn.swap_attention(swapped, backend="torch", strict=True)
+    return original, swapped, handle
+
+
+def _split(result):
+    return result if isinstance(result, tuple) else (result, None)
+
+
+@pytest.mark.parametrize("family, size", list(_cases()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_swapped_family_matches_original_outputs_gradients_and_sn_state(family, size, dtype, training):
+    original, swapped, handle = _original_and_swapped(family, dtype, training)
+    assert [(s.name, s.family) for s in handle.swapped] == [("", EXPECTED_FAMILY[family])]
+    torch.manual_seed(1)
+    x = torch.randn(2, CHANNELS, *SIZES[size], dtype=dtype)
+    x_orig, x_swap = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_orig, attn_orig = _split(original(x_orig))
+    out_swap, attn_swap = _split(swapped(x_swap))
+    assert_close(out_swap, out_orig, name=f"{family} output")
+    if attn_orig is not None:
+        assert isinstance(attn_swap, fastattn.AttentionMap)
+        assert attn_swap.shape == attn_orig.shape
+        assert_close(attn_swap[1, 5], attn_orig[1, 5], name="attention row (1, 5)")
+        assert_close(attn_swap.materialize(), attn_orig, name="attention map")
+    grad = torch.randn_like(out_orig)
+    out_orig.backward(grad)
+    out_swap.backward(grad)
+    assert_close(x_swap.grad, x_orig.grad, name="grad of x")
+    swapped_params = dict(swapped.named_parameters())
+    for name, param in original.named_parameters():
+        assert_close(swapped_params[name].grad, param.grad, name=f"grad of {name}")
+    # one optimizer step, then the spectral-norm state and the next output must still agree
+    for module in (original, swapped):
+        torch.optim.SGD(module.parameters(), lr=0.01).step()
+    state_orig, state_swap = original.state_dict(), swapped.state_dict()
+    assert list(state_swap) == list(state_orig)
+    for key, value in state_orig.items():
+        assert_close(state_swap[key], value, name=f"state_dict[{key!r}] after a step")
+    with torch.no_grad():
+        assert_close(_split(swapped(x))[0], _split(original(x))[0], name="output after a step")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_BUILDERS))
+def test_state_dict_round_trips_both_ways_between_original_and_swapped(family):
+    original, swapped, _ = _original_and_swapped(family, torch.float64, True)
+    fresh = set_residual_scalar(FAMILY_BUILDERS[family](CHANNELS, seed=7).double(), 0.3)
+    fastattn.swap_attention(fresh, backend="torch")
+    fresh.load_state_dict(original.state_dict())  # original checkpoint -> swapped model
+    for key, value in original.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    plain = FAMILY_BUILDERS[family](CHANNELS, seed=9).double()
+    plain.load_state_dict(swapped.state_dict())  # swapped checkpoint -> original model
+    assert list(plain.state_dict()) == list(swapped.state_dict())
+
+
+@pytest.mark.parametrize("family", ["biggan", "studiogan", "hf_biggan", "voletiv"])
+def test_swapped_pooled_layers_accept_odd_sizes_with_floor_pooling(family):
+    _, swapped, _ = _original_and_swapped(family, torch.float64, False)
+    names = {"biggan": ("theta", "phi", "g", "o", "gamma"),
+             "studiogan": ("conv1x1_theta", "conv1x1_phi", "conv1x1_g", "conv1x1_attn", "sigma"),
+             "hf_biggan": ("snconv1x1_theta", "snconv1x1_phi", "snconv1x1_g", "snconv1x1_o_conv", "gamma"),
+             "voletiv": ("snconv1x1_theta", "snconv1x1_phi", "snconv1x1_g", "snconv1x1_attn", "sigma")}
+    theta, phi, g, o, scalar = (getattr(swapped, n) for n in names[family])
+    x = torch.randn(2, CHANNELS, 7, 5, dtype=torch.float64)
+    with torch.no_grad():
+        got = swapped(x)
+        q = theta(x).flatten(2)
+        k, v = (F.max_pool2d(conv(x), 2).flatten(2) for conv in (phi, g))
+        want = x + scalar * o(reference_attention(q, k, v).view(2, -1, 7, 5))
+    assert k.shape[2] == 3 * 2
+    assert_close(got, want, name=f"{family} on 7x5")
+
+
+def test_taki0112_port_keeps_tf_same_pooling_on_odd_sizes():
+    original, swapped, _ = _original_and_swapped("taki0112", torch.float64, False)
+    x = torch.randn(1, CHANNELS, 5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(swapped(x), original(x), name="ceil-mode pooled output")
+
+
+def test_revert_restores_the_class_forward_and_the_original_outputs():
+    original, swapped, handle = _original_and_swapped("hf_biggan", torch.float64, False)
+    assert is_swapped(swapped) and "forward" in swapped.__dict__
+    assert handle.revert() == [""]
+    assert not is_swapped(swapped) and "forward" not in swapped.__dict__
+    x = torch.randn(2, CHANNELS, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(swapped(x), original(x))
+    assert handle.revert() == []
+
+
+def test_swapping_twice_changes_nothing():
+    _, swapped, first = _original_and_swapped("biggan", torch.float64, False)
+    forward = swapped.__dict__["forward"]
+    second = fastattn.swap_attention(swapped, strict=True)
+    assert second.swapped == [] and [(s.name, s.family) for s in second.already_swapped] == [("", "biggan")]
+    assert swapped.__dict__["forward"] is forward
+    assert second.revert() == [] and is_swapped(swapped)
+    assert first.revert() == [""]
+
+
+def test_swapped_forward_keeps_the_original_signature_and_keyword_calls():
+    import inspect
+
+    _, swapped, _ = _original_and_swapped("biggan", torch.float64, False)
+    assert str(inspect.signature(swapped.forward)) == "(x, y=None)"
+    x = torch.randn(1, CHANNELS, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(swapped(x, torch.zeros(1)), swapped(x=x))
+    with pytest.raises(TypeError):
+        swapped(x, None, None)
+
+
+def test_heykeetae_attention_map_holds_no_n_by_m_tensor_until_indexed():
+    _, swapped, _ = _original_and_swapped("heykeetae", torch.float32, False)
+    out, amap = swapped(torch.randn(2, CHANNELS, 6, 6))
+    assert amap.shape == (2, 36, 36) and len(amap) == 2
+    held = [t for t in vars(amap).values() if isinstance(t, torch.Tensor)]
+    assert sum(t.numel() for t in held) < 2 * 36 * 36, "the map keeps an N x M sized tensor"
+    assert amap.q.shape == (2, CHANNELS // 8, 36) and amap.lse.shape == (2, 36)
+    row = amap[0, 7]
+    assert row.shape == (36,) and abs(float(row.detach().sum()) - 1) < 1e-5

@@ -1,0 +1,217 @@
+"""swap_attention on whole models: several sites, partial matches, adapters, strict, backends."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastattn
+from fastattn import AttentionFamily, register_adapter, swap_attention, unregister_adapter
+from fastattn.dispatch import _REGISTRY, Backend, BackendUnavailableError, register_backend
+from fastattn.swap import is_swapped
+from fastattn.testing import assert_close
+from gan_families import (PARTIAL_MATCHES, AttentionWithNorm, ScaledSelfAttn, Self_Attn,
+                          SmallDiscriminator, SmallGenerator, residual_scalars_nonzero,
+                          set_residual_scalar, warm_up_spectral_norm)
+
+BIGGAN_WITH_NORM = AttentionFamily(
+    "biggan_with_norm", "theta", "phi", "g", "o", "gamma", (), pool="floor", extra_forward_args=1,
+    after_residual=("norm",), source="tests/gan_families.py AttentionWithNorm")
+
+
+@pytest.fixture
+def adapter():
+    family = register_adapter(BIGGAN_WITH_NORM)
+    yield family
+    unregister_adapter(family.name)
+
+
+def _models():
+    torch.manual_seed(0)
+    gen = residual_scalars_nonzero(SmallGenerator().double())
+    disc = residual_scalars_nonzero(SmallDiscriminator().double())
+    return gen, disc
+
+
+def _inputs():
+    torch.manual_seed(3)
+    return torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+
+
+def _loss(gen, disc, z, y):
+    image = gen(z, y)
+    score, attention = disc(image)
+    return score.mean() + 0.1 * attention[0, 3].square().sum(), image
+
+
+def test_generator_and_discriminator_sites_are_swapped_partial_match_skipped_and_reverted():
+    gen, disc = _models()
+    gen_ref, disc_ref = copy.deepcopy(gen), copy.deepcopy(disc)
+    h_gen = swap_attention(gen, backend="torch", strict=True)
+    with pytest.warns(UserWarning, match=r"block \(AttentionWithNorm\) not swapped.*'norm'"):
+        h_disc = swap_attention(disc, backend="torch", strict=True)
+    assert [(s.name, s.family) for s in h_gen.swapped] == [("attn1", "biggan"), ("attn2", "hf_biggan")]
+    assert [(s.name, s.family) for s in h_disc.swapped] == [("attn1", "heykeetae"), ("attn2", "studiogan")]
+    assert [s.name for s in h_disc.skipped] == ["block"] and not is_swapped(disc.block)
+    assert "norm" in str(h_disc.skipped[0]) and "block" in h_disc.summary()
+
+    z, y = _inputs()
+    loss, image = _loss(gen, disc, z, y)
+    loss_ref, image_ref = _loss(gen_ref, disc_ref, z, y)
+    assert_close(image, image_ref, name="generated image")
+    assert_close(loss, loss_ref, name="loss")
+    loss.backward()
+    loss_ref.backward()
+    for model, ref in ((gen, gen_ref), (disc, disc_ref)):
+        ref_params = dict(ref.named_parameters())
+        for name, param in model.named_parameters():
+            assert_close(param.grad, ref_params[name].grad, name=f"grad of {name}")
+        ref_state = ref.state_dict()
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                assert_close(value, ref_state[key], name=f"state {key}")
+            else:
+                assert torch.equal(value, ref_state[key]), key
+
+    assert sorted(h_gen.revert() + h_disc.revert()) == ["attn1", "attn1", "attn2", "attn2"]
+    assert not any(is_swapped(m) for m in [*gen.modules(), *disc.modules()])
+    with torch.no_grad():
+        assert torch.equal(_loss(gen, disc, z, y)[0], _loss(gen_ref, disc_ref, z, y)[0])
+
+
+def test_recording_collects_attention_maps_of_every_site_call():
+    gen, _ = _models()
+    handle = swap_attention(gen, backend="torch")
+    z, y = _inputs()
+    with torch.no_grad(), handle.recording() as maps:
+        gen(z, y)
+    assert sorted(maps) == ["attn1", "attn2"]
+    assert maps["attn1"][0].shape == (4, 64, 16) and maps["attn2"][0].key_hw == (8, 8)
+    assert_close(maps["attn2"][0][2].sum(dim=-1), torch.ones(256, dtype=torch.float64), name="row sums")
+    with torch.no_grad():
+        gen(z, y)
+    assert len(maps["attn1"]) == 1  # recording stopped at the end of the block
+
+
+def test_adapter_swaps_a_variant_with_a_norm_after_the_residual(adapter):
+    torch.manual_seed(0)
+    block = set_residual_scalar(AttentionWithNorm(16).double())
+    reference = copy.deepcopy(block)
+    handle = swap_attention(block, backend="torch", strict=True)
+    assert [(s.name, s.family) for s in handle.swapped] == [("", "biggan_with_norm")]
+    x = torch.randn(3, 16, 6, 6, dtype=torch.float64)
+    assert_close(block(x, None), reference(x, None), name="train-mode output (batch norm)")
+    assert_close(block.norm.running_mean, reference.norm.running_mean, name="running mean")
+    block.eval(), reference.eval()
+    assert_close(block(x), reference(x), name="eval output")
+
+
+def test_adapter_with_scaled_logits_matches_and_the_builtin_family_refuses_it():
+    scaled = warm_up_spectral_norm(set_residual_scalar(ScaledSelfAttn(16).double())).eval()
+    with pytest.warns(UserWarning, match="computes something other than the hf_biggan layer"):
+        assert swap_attention(copy.deepcopy(scaled)).swapped == []
+    family = register_adapter(AttentionFamily(
+        "hf_scaled", "snconv1x1_theta", "snconv1x1_phi", "snconv1x1_g", "snconv1x1_o_conv",
+        "gamma", (1,), pool_module="maxpool", unused_children=("softmax",), scale=None))
+    try:
+        swapped = copy.deepcopy(scaled)
+        assert [s.family for s in swap_attention(swapped, backend="torch").swapped] == ["hf_scaled"]
+        x = torch.randn(2, 16, 4, 6, dtype=torch.float64)
+        with torch.no_grad():
+            assert_close(swapped(x), scaled(x), name="scaled-logit output")
+    finally:
+        unregister_adapter(family.name)
+
+
+@pytest.mark.parametrize("name", sorted(PARTIAL_MATCHES))
+def test_partial_matches_are_left_alone_with_the_reason(name):
+    module = PARTIAL_MATCHES[name](16).double()
+    before = dict(vars(module))
+    with pytest.warns(UserWarning, match="not swapped"):
+        handle = swap_attention(module)
+    assert handle.swapped == [] and len(handle.skipped) == 1
+    assert handle.skipped[0].reasons and vars(module).keys() == before.keys()
+    with pytest.raises(LookupError, match="found no attention layer") as error:
+        swap_attention(module, strict=True)
+    assert "not swapped" in str(error.value)
+
+
+def test_verify_false_is_what_lets_a_different_op_through():
+    old_fork = PARTIAL_MATCHES["heykeetae_old_fork"](16)
+    assert [s.family for s in swap_attention(old_fork, verify=False).swapped] == ["heykeetae"]
+
+
+def test_extra_parameter_or_buffer_means_not_the_family():
+    layer = Self_Attn(16, "relu")
+    layer.beta = nn.Parameter(torch.zeros(1))
+    layer.register_buffer("step", torch.zeros(()))
+    with pytest.warns(UserWarning):
+        skipped = swap_attention(layer).skipped
+    assert "['beta']" in str(skipped[0]) and "['step']" in str(skipped[0])
+
+
+def test_instance_forward_patched_by_other_code_is_not_overwritten():
+    layer = Self_Attn(16, "relu")
+    layer.forward = lambda x: x
+    with pytest.warns(UserWarning, match="already replaced"):
+        assert swap_attention(layer).swapped == []
+
+
+def test_strict_raises_when_the_model_has_no_attention_layer():
+    with pytest.raises(LookupError, match="no module has the structure of a known family"):
+        swap_attention(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU()), strict=True)
+    assert swap_attention(nn.Sequential(nn.Conv2d(3, 8, 1))).swapped == []
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        swap_attention("G")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        swap_attention(Self_Attn(16, "relu"), backend="cuda-magic")
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        swap_attention(Self_Attn(16, "relu"), strict="yes")
+    with pytest.raises(ValueError, match="already registered"):
+        register_adapter(AttentionFamily("biggan", "a", "b", "c", None, "gamma"))
+    with pytest.raises(ValueError, match="pool must be one of"):
+        AttentionFamily("x", "a", "b", "c", None, "gamma", pool="avg")
+
+
+class _NeverHere(Backend):
+    name, priority = "never_here", -1
+
+    def unavailable(self):
+        return ["it needs hardware this machine lacks"]
+
+    def unsupported(self, q, k, v):
+        return []
+
+    def attention(self, q, k, v, scale):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+def test_requested_backend_that_cannot_run_raises_at_swap_time_with_the_reason():
+    register_backend(_NeverHere())
+    try:
+        with pytest.raises(BackendUnavailableError, match="needs hardware this machine lacks"):
+            swap_attention(Self_Attn(16, "relu"), backend="never_here")
+    finally:
+        del _REGISTRY["never_here"]
+
+
+def test_swapped_layer_uses_the_requested_backend(monkeypatch):
+    layer = Self_Attn(16, "relu")
+    swap_attention(layer, backend="torch")
+    seen = []
+    real = fastattn.nn.spatial_attention
+    monkeypatch.setattr(fastattn.nn, "spatial_attention",
+                        lambda *a, **k: seen.append(k["backend"]) or real(*a, **k))
+    layer(torch.randn(1, 16, 4, 4))
+    assert seen == ["torch"]
+
+
+def test_no_warning_when_everything_matches():
+    gen, _ = _models()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_attention(gen)
