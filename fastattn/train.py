@@ -145,9 +145,11 @@ def _resolve_device(parser, text: str) -> torch.device:
     return device
 
 
-def _check_backend(parser, name: str | None) -> None:
+def _check_backend(parser, name: str | None, attention: str) -> None:
     if name is None:
         return
+    if attention != "fastattn":
+        parser.error(f"--backend {name!r} applies to --attention fastattn only, got --attention {attention}")
     from .dispatch import available_backends
 
     backends = available_backends()
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     config = _resolve_config(parser, args, saved_state["config"] if saved_state else None)
     steps = args.steps or (saved_state or {}).get("target_steps") or DEFAULT_STEPS
     device = _resolve_device(parser, args.device)
-    _check_backend(parser, args.backend)
+    _check_backend(parser, args.backend, args.attention)
     dataset = _load_dataset(parser, config)
     n_classes = dataset.n_classes if config["conditional"] else 0
     G, D = _build_models(parser, config, n_classes, args.attention, args.backend)
@@ -319,6 +321,8 @@ def _summary(rows: list[dict], extra: dict, evaluator: _Evaluator, step: int) ->
 def _summary_line(summary: dict, out: Path) -> str:
     text = f"trained to step {summary['steps']} in {summary['train_seconds']:.0f} s; outputs in {out}"
     if summary["fd8_ratio"] is not None:
+        floor = summary["fd8_data_floor"]
         text += (f"\nFD8 samples-to-data {summary['fd8_initial']:.3g} -> {summary['fd8_final']:.3g} "
-                 f"(x{summary['fd8_ratio']:.2f}; the data against itself: {summary['fd8_data_floor']:.3g})")
+                 f"(x{summary['fd8_ratio']:.2f}"
+                 + (f"; the data against another draw of itself: {floor:.3g})" if floor is not None else ")"))
     return text

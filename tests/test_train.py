@@ -115,6 +115,7 @@ def _run_error(capsys, argv) -> str:
         (["--d-attn-res", "16"], "--d-attn-res/--resolution/--ch: attn_resolution must be None"),
         (["--device", "quantum"], "--device must be cpu, cuda, cuda:N or auto, got 'quantum'"),
         (["--backend", "nope"], "--backend must be one of"),
+        (["--backend", "torch", "--attention", "naive"], "--backend 'torch' applies to --attention fastattn only"),
         (["--data", "/does/not/exist"], "--data must be a folder of images, got '/does/not/exist', which does not exist"),
         (["--resume"], "--resume: no checkpoint.pt in --out"),
     ],

@@ -46,6 +46,7 @@ def make_attention(channels: int, *, pool: bool, attention: str, backend: str | 
         spectral_norm=spectral_norm,
         attention=attention,
         backend=backend,
+        sn_eps=SN_EPS,
     )
 
 
