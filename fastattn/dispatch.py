@@ -109,12 +109,15 @@ def available_backends() -> dict[str, Backend]:
     return dict(sorted(_REGISTRY.items(), key=lambda item: -item[1].priority))
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, *, source: str = "backend") -> Backend:
+    """The backend called `name`; `source` names where the name came from, for the error."""
     backends = available_backends()
     if name not in backends:
-        raise ValueError(
-            f"backend must be one of {sorted(backends)} or None (automatic), got {name!r}"
-        )
+        if source == "backend":
+            expected = f"backend must be one of {sorted(backends)} or None (automatic)"
+        else:
+            expected = f"{source} must name one of {sorted(backends)} (or be unset)"
+        raise ValueError(f"{expected}, got {name!r}")
     return backends[name]
 
 
@@ -131,7 +134,7 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) 
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-        chosen = get_backend(backend) if source == "backend=" else _named_from_env(backend)
+        chosen = get_backend(backend, source="backend" if source == "backend=" else ENV_VAR)
         reasons = chosen.reasons(q, k, v)
         if reasons:
             raise BackendUnavailableError(
@@ -150,15 +153,6 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) 
     raise BackendUnavailableError(
         "no fastattn backend can run this input:\n" + _format_reasons(rejected)
     )
-
-
-def _named_from_env(name: str) -> Backend:
-    backends = available_backends()
-    if name not in backends:
-        raise ValueError(
-            f"{ENV_VAR} must name one of {sorted(backends)} (or be unset), got {name!r}"
-        )
-    return backends[name]
 
 
 def backend_report() -> list[dict]:

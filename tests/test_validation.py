@@ -110,10 +110,11 @@ def test_scale_none_means_one_over_sqrt_d_qk():
 
 
 def test_nan_and_inf_inputs_propagate_exactly_like_the_reference():
+    torch.manual_seed(0)
     q, k, v = qkv(B=1, N=5, M=4, dtype=torch.float64)
-    q[0, 0, 1] = float("nan")     # query 1: all logits NaN
-    k[0, 0, 2] = float("inf")     # key 2: +-inf logits for every query
-    v[0, 1, 3] = float("-inf")    # value channel 1 of key 3
+    q[0, 0] = torch.tensor([-1.0, float("nan"), 1.0, -2.0, 0.5])  # query 1: all logits NaN
+    k[0, 0, 2] = float("inf")     # key 2: -inf logit for queries 0 and 3, +inf (NaN row) for 2 and 4
+    v[0, 1, 3] = float("-inf")    # value channel 1 of key 3: -inf in that channel where key 3 counts
     got = spatial_attention(q, k, v)
     want = reference_attention(q, k, v)
     assert torch.equal(got.isnan(), want.isnan())
