@@ -187,3 +187,14 @@ def test_double_backward_raises_and_names_the_torch_backend():
     with pytest.raises(RuntimeError, match="backend='torch'"):
         dq.sum().backward()
 
+
+
+def test_stride_zero_upstream_gradient_of_sum_matches_fp64():
+    # out.sum().backward() hands the op an expanded (all-zero-stride) grad_out
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (t.requires_grad_() for t in _contiguous(2, 10, 33, 20, 40, torch.float32, gen))
+    spatial_attention(q, k, v, backend="triton").sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*leaves).sum().backward()
+    for name, got, want in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), leaves):
+        assert_close(got, want.grad, torch.float32, name)
