@@ -11,6 +11,11 @@ d_qk is padded to a power of two >= 16 with masked loads (zero padding adds exac
 dot products). d_v wider than BLOCK_DV is split across programs (grid axis 1); each recomputes
 QK^T, which is cheap because d_qk is small, instead of holding a huge accumulator. Only the
 first value split stores the lse, which every split computes identically.
+
+UNMASKED_FULL_TILES (fp16/bf16): full key tiles skip the key mask and only the ragged last tile
+is masked. For fp32 (FMA dots) the second inlined copy of the step pushed every tile size
+into register spills in the offline compile (tests/test_triton_compile.py), so fp32 keeps one
+masked loop.
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UNMASKED_FULL_TILES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_dv = tl.program_id(1)
@@ -91,13 +97,18 @@ def attention_forward_kernel(
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    n_full = (n_keys // BLOCK_M) * BLOCK_M
-    for start_m in range(0, n_full, BLOCK_M):
-        acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm,
-                                      mask_d, mask_dv, qk_scale, BLOCK_M, False, INPUT_PRECISION)
-    if n_full < n_keys:
-        acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, n_full, n_keys, stride_km, stride_vm,
-                                      mask_d, mask_dv, qk_scale, BLOCK_M, True, INPUT_PRECISION)
+    if UNMASKED_FULL_TILES:
+        n_full = (n_keys // BLOCK_M) * BLOCK_M
+        for start_m in range(0, n_full, BLOCK_M):
+            acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm,
+                                          mask_d, mask_dv, qk_scale, BLOCK_M, False, INPUT_PRECISION)
+        if n_full < n_keys:
+            acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, n_full, n_keys, stride_km, stride_vm,
+                                          mask_d, mask_dv, qk_scale, BLOCK_M, True, INPUT_PRECISION)
+    else:
+        for start_m in range(0, n_keys, BLOCK_M):
+            acc, l_i, m_i = _forward_step(acc, l_i, m_i, q, k_base, v_base, start_m, n_keys, stride_km, stride_vm,
+                                          mask_d, mask_dv, qk_scale, BLOCK_M, True, INPUT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + batch * stride_ob + offs_n[:, None] * stride_on + offs_dv[None, :] * stride_od
@@ -123,5 +134,6 @@ def launch_forward(kernel_call, q, k, v, out, lse, scale, precision, config, d_p
         n_queries, n_keys, d_qk, d_v,
         float(scale) * LOG2E,
         D_PAD=d_pad, BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_DV=config.block_dv,
-        INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+        INPUT_PRECISION=precision, UNMASKED_FULL_TILES=q.element_size() < 4,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )

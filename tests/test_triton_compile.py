@@ -124,6 +124,12 @@ def _tools_missing():
         import triton
     except ImportError:
         return "triton is not installed"
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        return "this triton's ASTSource takes no constexprs= (the offline compile is written for Triton >= 3.3)"
     nvidia = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")
     for tool in ("ptxas", "cuobjdump"):
         if not os.path.exists(os.path.join(nvidia, "bin", tool)):

@@ -84,8 +84,16 @@ def _run(q, k, v, backend, grad_out, grad_lse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_out_lse_and_gradients_within_accuracy_rule_of_fp64(case, dtype):
-    _, make, batch, d_qk, n, m, d_v = case
-    gen = torch.Generator().manual_seed(zlib.crc32(case[0].encode()))
+    _check_accuracy_rule(*case, dtype)
+
+
+@pytest.mark.parametrize("d_qk, d_v", [(1, 1), (256, 1024)], ids=["narrowest", "widest"])
+def test_extreme_widths_within_accuracy_rule_of_fp64(d_qk, d_v):
+    _check_accuracy_rule(f"widths_{d_qk}_{d_v}", _contiguous, 1, d_qk, 20, 17, d_v, torch.float32)
+
+
+def _check_accuracy_rule(name, make, batch, d_qk, n, m, d_v, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     q, k, v = make(batch, d_qk, n, m, d_v, dtype, gen)
     grad_out = torch.randn(batch, d_v, n, generator=gen)
     grad_lse = torch.randn(batch, n, generator=gen)
@@ -179,3 +187,14 @@ def test_double_backward_raises_and_names_the_torch_backend():
     with pytest.raises(RuntimeError, match="backend='torch'"):
         dq.sum().backward()
 
+
+
+def test_stride_zero_upstream_gradient_of_sum_matches_fp64():
+    # out.sum().backward() hands the op an expanded (all-zero-stride) grad_out
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (t.requires_grad_() for t in _contiguous(2, 10, 33, 20, 40, torch.float32, gen))
+    spatial_attention(q, k, v, backend="triton").sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*leaves).sum().backward()
+    for name, got, want in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), leaves):
+        assert_close(got, want.grad, torch.float32, name)
