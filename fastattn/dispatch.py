@@ -61,7 +61,9 @@ class Backend(ABC):
         return self.unavailable() or self.unsupported(q, k, v)
 
 
-# Built-in backends are imported lazily, so `import fastattn` needs neither triton nor CUDA.
+# Built-in backends are loaded when this module is imported (end of file). Their modules import
+# neither triton nor CUDA (the triton backend imports triton on first use), so `import fastattn`
+# needs neither; loading them up front keeps importlib out of code torch.compile traces.
 _BUILTIN = {
     "torch": "fastattn.backends.torch_chunked:TorchChunkedBackend",
     "triton": "fastattn.backends.triton:TritonBackend",
@@ -162,3 +164,6 @@ def backend_report() -> list[dict]:
         why = b.unavailable()
         rows.append({"name": name, "priority": b.priority, "available": not why, "reasons": why})
     return rows
+
+
+_load_builtins()

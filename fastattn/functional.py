@@ -65,10 +65,11 @@ def resolve_scale(scale, d_qk: int) -> float:
     """`scale=None` means 1/sqrt(d_qk), as in torch.nn.functional.scaled_dot_product_attention."""
     if scale is None:
         return 1.0 / math.sqrt(d_qk) if d_qk > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    # torch.SymFloat/SymInt: a scale traced by torch.compile(dynamic=True); float() specialises it
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
     scale = float(scale)
-    if not math.isfinite(scale):
+    if scale != scale or abs(scale) == math.inf:  # not math.isfinite: traceable on a SymFloat
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 
