@@ -305,3 +305,21 @@ def SelfAttn_like():  # noqa: N802
 
     torch.manual_seed(0)
     return SelfAttn(16).double()
+
+
+def test_softmax_child_is_optional_but_must_be_over_keys_when_present():
+    class ForkForward(Self_Attn):  # forks that call torch.softmax in forward, no softmax child
+        def forward(self, x):
+            b, c, h, w = x.shape
+            q = self.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
+            attention = torch.softmax(torch.bmm(q, self.key_conv(x).view(b, -1, h * w)), dim=-1)
+            out = torch.bmm(self.value_conv(x).view(b, -1, h * w), attention.permute(0, 2, 1))
+            return self.gamma * out.view(b, c, h, w) + x, attention
+
+    fork = set_residual_scalar(ForkForward(16, "relu"))
+    del fork.softmax
+    assert [s.family for s in swap_attention(fork).swapped] == ["heykeetae"]
+    wrong_dim = Self_Attn(16, "relu")
+    wrong_dim.softmax = nn.Softmax(dim=1)
+    with pytest.warns(UserWarning, match=r"expected nn.Softmax\(dim=-1\)"):
+        assert swap_attention(wrong_dim).swapped == []
