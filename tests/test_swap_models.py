@@ -268,3 +268,58 @@ def test_deepcopy_and_pickle_keep_the_swap_bound_to_the_copy():
         for twin in (ema, loaded):
             assert twin.attn1.forward.module is twin.attn1 and is_swapped(twin.attn2)
             assert torch.equal(twin(z, y), want)
+
+
+def test_r1_gradient_penalty_through_swapped_discriminator_matches_original():
+    _, disc = _models()
+    disc = disc.eval()  # R1 on a fixed D; BatchNorm in the partial-match block stays fixed too
+    swapped = copy.deepcopy(disc)
+    with pytest.warns(UserWarning):
+        swap_attention(swapped, backend="torch")
+    image = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    for model in (disc, swapped):
+        real = image.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(real)[0].sum(), real, create_graph=True)
+        grad.square().sum().backward()  # double backward through the attention
+    swapped_params = dict(swapped.named_parameters())
+    for name, param in disc.named_parameters():
+        if param.grad is None:  # biases after the last nonlinearity do not move the input gradient
+            assert swapped_params[name].grad is None, name
+            continue
+        assert_close(swapped_params[name].grad, param.grad, name=f"R1 grad of {name}")
+    assert disc.attn1.query_conv.weight.grad.abs().sum() > 0
+
+
+def test_channels_last_inputs_give_the_same_output():
+    layer = set_residual_scalar(warm_up_spectral_norm(SelfAttn_like()))
+    swapped = copy.deepcopy(layer)
+    swap_attention(swapped, backend="torch")
+    x = torch.randn(2, 16, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got = swapped.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        assert_close(got, layer(x), name="channels_last output")
+
+
+def SelfAttn_like():  # noqa: N802
+    from gan_families import SelfAttn
+
+    torch.manual_seed(0)
+    return SelfAttn(16).double()
+
+
+def test_softmax_child_is_optional_but_must_be_over_keys_when_present():
+    class ForkForward(Self_Attn):  # forks that call torch.softmax in forward, no softmax child
+        def forward(self, x):
+            b, c, h, w = x.shape
+            q = self.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
+            attention = torch.softmax(torch.bmm(q, self.key_conv(x).view(b, -1, h * w)), dim=-1)
+            out = torch.bmm(self.value_conv(x).view(b, -1, h * w), attention.permute(0, 2, 1))
+            return self.gamma * out.view(b, c, h, w) + x, attention
+
+    fork = set_residual_scalar(ForkForward(16, "relu"))
+    del fork.softmax
+    assert [s.family for s in swap_attention(fork).swapped] == ["heykeetae"]
+    wrong_dim = Self_Attn(16, "relu")
+    wrong_dim.softmax = nn.Softmax(dim=1)
+    with pytest.warns(UserWarning, match=r"expected nn.Softmax\(dim=-1\)"):
+        assert swap_attention(wrong_dim).swapped == []
