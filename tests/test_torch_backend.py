@@ -201,3 +201,16 @@ def test_chunk_rows_do_not_change_results(monkeypatch):
     for budget in (8, 30 * 8 * 2 * 3, 10**9):  # 1 row, uneven chunks, one chunk
         monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", budget)
         torch.testing.assert_close(torch_backend(q, k, v), want, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_does_not_lower_the_internal_fp32_precision():
+    q, k, v = make(2, 8, 40, 20, 12, torch.float32, grad=True)
+    want = torch_backend(q, k, v)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch_backend(q, k, v)
+        got_grads = torch.autograd.grad(got.sum(), (q, k, v))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # bf16 bmms would miss by ~1e-2
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

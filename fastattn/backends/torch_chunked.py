@@ -127,10 +127,17 @@ def _differentiable(q, k, v, scale):
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=1)
 
 
+def _no_autocast(device: torch.device):
+    """Autocast would push the fp32 accumulation bmms down to fp16/bf16: the op picks its own
+    precision (fp32 statistics and accumulators), so autocast is off inside it."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        out, lse = _forward(q, k, v, scale)
+        with _no_autocast(q.device):
+            out, lse = _forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out, lse
@@ -141,6 +148,11 @@ class _ChunkedAttention(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        with _no_autocast(q.device):
+            return _ChunkedAttention._backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs)
+
+    @staticmethod
+    def _backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs):
         if torch.is_grad_enabled():
             # create_graph=True: recompute differentiably so the gradients have a graph.
             inputs = [t for t, need in zip((q, k, v), needs) if need]
