@@ -113,14 +113,22 @@ def _attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # create_graph=True (R1 / WGAN-GP penalties through attention): the kernels have no
+        # second derivative, so the gradients are recomputed with the torch backend's
+        # differentiable chunked ops, which do; first-order backward stays on the kernels.
+        from .backends.torch_chunked import differentiable_grads
+
+        needs = tuple(t.requires_grad for t in (q, k, v))
+        return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None, None)
     dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)
     return dq, dk, dv, None, None
 
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
-        "the triton backend of fastattn has no double backward (create_graph=True, e.g. R1 or "
-        "gradient-penalty losses through attention): use spatial_attention(..., backend='torch')"
+        "fastattn::attention_backward has no derivative; double backward through the triton "
+        "backend is computed by recomputation when create_graph=True is set on the first backward"
     )
 
 

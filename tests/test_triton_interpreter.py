@@ -179,14 +179,20 @@ def test_zero_queries_give_empty_output_and_zero_key_gradients():
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
-def test_double_backward_raises_and_names_the_torch_backend():
-    q, k, v = (torch.randn(1, 8, 10, requires_grad=True), torch.randn(1, 8, 6, requires_grad=True),
-               torch.randn(1, 16, 6, requires_grad=True))
-    out = spatial_attention(q, k, v, backend="triton")
-    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="backend='torch'"):
-        dq.sum().backward()
+def test_double_backward_for_gradient_penalties_matches_fp64_reference():
+    """R1-style penalty: the second derivative through the triton backend is exact."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (t.requires_grad_() for t in _contiguous(1, 8, 10, 6, 16, torch.float32, gen))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
 
+    def penalty_grads(fn, q, k, v):
+        (dq,) = torch.autograd.grad(fn(q, k, v).square().sum(), q, create_graph=True)
+        return torch.autograd.grad(dq.square().sum(), (q, k, v))
+
+    got = penalty_grads(lambda *t: spatial_attention(*t, backend="triton"), q, k, v)
+    want = penalty_grads(reference_attention, *leaves)
+    for name, g, w in zip(("d2q", "d2k", "d2v"), got, want):
+        assert_close(g, w, torch.float32, name)
 
 
 def test_stride_zero_upstream_gradient_of_sum_matches_fp64():

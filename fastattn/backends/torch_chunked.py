@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import constants
 from ..dispatch import Backend
 
-__all__ = ["TorchChunkedBackend", "chunked_attention"]
+__all__ = ["TorchChunkedBackend", "chunked_attention", "differentiable_grads"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,6 +133,22 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def differentiable_grads(q, k, v, grad_out, grad_lse, scale, needs):
+    """(dq, dk, dv) with a graph, for create_graph=True (double backward, gradient penalties).
+
+    Recomputes (out, lse) from q, k, v with differentiable chunked ops and differentiates them,
+    so second derivatives follow. Also used by the Triton backend's backward under create_graph.
+    """
+    inputs = [t for t, need in zip((q, k, v), needs) if need]
+    out, lse = _differentiable(q, k, v, scale)
+    outputs, grads = [out], [grad_out]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse.to(lse.dtype))
+    got = iter(torch.autograd.grad(outputs, inputs, grads, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
@@ -154,15 +170,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs):
         if torch.is_grad_enabled():
-            # create_graph=True: recompute differentiably so the gradients have a graph.
-            inputs = [t for t, need in zip((q, k, v), needs) if need]
-            out2, lse2 = _differentiable(q, k, v, ctx.scale)
-            outputs, grads = [out2], [grad_out]
-            if grad_lse is not None:
-                outputs.append(lse2)
-                grads.append(grad_lse.to(lse2.dtype))
-            got = iter(torch.autograd.grad(outputs, inputs, grads, create_graph=True, allow_unused=True))
-            return tuple(next(got) if need else None for need in needs) + (None,)
+            return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None,)
         return _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs) + (None,)
 
 
