@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             row["fd8"] = evaluator.fd8()
         if rows:
-            plot_losses(rows, out / "losses.png", f"{args.attention} attention, {dataset.source}")
+            plot_losses(rows, out / "losses.png", f"{args.attention} attention, {dataset.source}",
+                        extra.get("fd8_initial"), getattr(evaluator, "fd8_floor", None))
 
     from tqdm import tqdm
 
