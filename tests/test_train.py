@@ -118,6 +118,8 @@ def _run_error(capsys, argv) -> str:
         (["--backend", "torch", "--attention", "naive"], "--backend 'torch' applies to --attention fastattn only"),
         (["--data", "/does/not/exist"], "--data must be a folder of images, got '/does/not/exist', which does not exist"),
         (["--resume"], "--resume: no checkpoint.pt in --out"),
+        (["--threads", "0"], "argument --threads: expected a positive integer, got 0"),
+        (["--lr-g", "-1"], "argument --lr-g: expected a positive finite number, got '-1'"),
     ],
 )
 def test_bad_arguments_exit_with_a_message_naming_the_argument(tmp_path, capsys, args, message):
