@@ -11,6 +11,9 @@ samples.png (the latest grid), losses.png, config.json and, at the end, summary.
 "Shows learning" is measured by FD8, the Frechet distance between 8x8-pooled samples and the
 data (fastattn.models.metrics): it is logged at every sample interval and summary.json reports
 it before and after training, next to its floor (the data against another draw of itself).
+The default run (500 steps, 32x32 shapes) takes FD8 from 104 to 11.4 (floor 1.4): x0.11, with
+the same numbers on 1 or 2 threads; 3 CPU-minutes (0.66 s/step on one core of the 2-core dev
+machine while other jobs shared it; use --threads 1 on a busy machine).
 """
 from __future__ import annotations
 
