@@ -178,6 +178,13 @@ class AttentionMap:
 
         return func(*unwrap(args), **{name: unwrap(a) for name, a in (kwargs or {}).items()})
 
+    def __iter__(self):
+        return (self[b] for b in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.materialize().detach().cpu().numpy()
+        return array if dtype is None else array.astype(dtype)
+
     def __getattr__(self, name):
         # Tensor methods (map.cpu(), map.mean(), map.numpy() ...) act on the materialized map.
         if name.startswith("_") or name in ("q", "k", "lse", "scale", "query_hw", "key_hw"):
@@ -185,6 +192,19 @@ class AttentionMap:
         if not hasattr(Tensor, name):
             raise AttributeError(f"'AttentionMap' object has no attribute {name!r}")
         return getattr(self.materialize(), name)
+
+
+def _materializing(op: str):
+    def method(self, *args):
+        return getattr(self.materialize(), op)(*args)
+
+    method.__name__ = op
+    return method
+
+
+for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow", "neg",
+            "matmul", "rmatmul", "lt", "le", "gt", "ge"):
+    setattr(AttentionMap, f"__{_op}__", _materializing(f"__{_op}__"))
 
 
 def attention_overlay(rows: Tensor, key_hw: tuple[int, int], image_hw: tuple[int, int]) -> Tensor:
@@ -231,9 +251,7 @@ def save_attention_png(path, image, attention, query_pixels, *, image_index: int
         the query grid query_hw. One panel per query: its attention row stretched over the image.
     Returns the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A Figure on an Agg canvas: no pyplot, no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -42,8 +42,9 @@ class AttentionFamily:
         the key conv's output plays the query and the query conv's output the key.
     returns_attention: the forward returns (out, attention) with the (B, N, M) map.
     extra_forward_args: optional arguments after x that the forward ignores (BigGAN's y=None).
-    unused_children: children the forward does not call (heykeetae's nn.Softmax(dim=-1)); a
-        child named "softmax" must be an nn.Softmax over the last dimension.
+    unused_children: children the forward may hold but does not call (heykeetae's
+        nn.Softmax(dim=-1)); optional; a child named "softmax" must be an nn.Softmax over the
+        last dimension.
     after_residual: children applied, in order, to the layer's output (for adapters).
     scale: logit scale (1.0: GAN layers do not scale; None: 1/sqrt(d_qk)).
     """
@@ -198,7 +199,9 @@ def _conv_reasons(family: AttentionFamily, module: nn.Module) -> list[str]:
 def _child_reasons(family: AttentionFamily, module: nn.Module) -> list[str]:
     reasons = []
     present = {name for name, _ in module.named_children()}
-    extra, missing = sorted(present - family.children), sorted(family.children - present)
+    # unused children (a softmax module the forward never calls) may be there or not
+    extra = sorted(present - family.children)
+    missing = sorted(family.children - present - set(family.unused_children))
     if extra:
         reasons.append(f"has submodules {extra} that the {family.name} layer does not have; "
                        "fastattn cannot know where they run in your forward (describe the variant "

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention_map import AttentionMap
-from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SIZES
+from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SIZES, TOLERANCES
 from .dispatch import BackendUnavailableError, get_backend
 from .families import AttentionFamily, forward_signature, match
-from .nn import attention_core
-from .constants import TOLERANCES
+from .nn import SelfAttention2d, attention_core
 from .testing import describe_mismatch
 
 __all__ = ["swap_attention", "SwapHandle", "SwappedLayer", "SkippedLayer", "run_family",
@@ -49,13 +48,13 @@ class _SwapState:
 def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend: str | None = None,
                want_map: bool = False) -> tuple[Tensor, AttentionMap | None]:
     """The family's layer computed with fastattn on `module`'s own submodules: (y, map or None)."""
-    if not isinstance(x, Tensor) or x.dim() < 3:
+    if not isinstance(x, Tensor) or x.dim() != 4 and not (family.conv_dim == 1 and x.dim() == 3):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, C, H, W) tensor for the {family.name} attention layer, got {got}")
     inp = x.reshape(x.shape[0], x.shape[1], -1) if family.conv_dim == 1 else x
-    if family.pooled and family.pool != "ceil" and min(x.shape[2:]) < 2:
-        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2, so x needs H >= 2 and "
-                         f"W >= 2, got {tuple(x.shape)}")
+    if family.pooled and min(x.shape[2:]) < 2:
+        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2, which leaves no key "
+                         f"for an input of shape {tuple(x.shape)}: H and W must be >= 2")
     q = getattr(module, family.query)(inp)
     k = getattr(module, family.key)(inp)
     v = getattr(module, family.value)(inp)
@@ -111,6 +110,49 @@ class _SwappedForward:
         return (y, amap) if family.returns_attention else y
 
 
+class _SwappedReplicate:
+    """nn.DataParallel copies a module's __dict__ into each replica, which would leave the
+    replica's `forward` pointing at the original; this instance-level hook re-points it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self):
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        _install_forward(replica, replica.__dict__[_STATE])
+        return replica
+
+
+def _install_forward(module: nn.Module, state: _SwapState) -> None:
+    module.__dict__[_STATE] = state
+    module.__dict__["forward"] = _SwappedForward(module)
+    module.__dict__["_replicate_for_data_parallel"] = _SwappedReplicate(module)
+
+
+def _uninstall_forward(module: nn.Module, state: _SwapState) -> bool:
+    if module.__dict__.get(_STATE) is not state:
+        return False
+    del module.__dict__[_STATE]
+    for name, kind in (("forward", _SwappedForward), ("_replicate_for_data_parallel", _SwappedReplicate)):
+        if isinstance(module.__dict__.get(name), kind):
+            del module.__dict__[name]
+    return True
+
+
+def _native_swap(module: SelfAttention2d, backend: str | None):
+    """fastattn's own layer: switch a naive-mode SelfAttention2d to the fused path (and back)."""
+    before = (module.attention, module.backend)
+    module.attention, module.backend = "fastattn", backend
+
+    def revert() -> bool:
+        if (module.attention, module.backend) != ("fastattn", backend):
+            return False
+        module.attention, module.backend = before
+        return True
+
+    return revert
+
+
 def is_swapped(module: nn.Module) -> bool:
     """Whether fastattn's forward is installed on this module instance."""
     return _STATE in module.__dict__ and isinstance(module.__dict__.get("forward"), _SwappedForward)
@@ -142,7 +184,8 @@ class SwapHandle:
         self.swapped: list[SwappedLayer] = []
         self.skipped: list[SkippedLayer] = []
         self.already_swapped: list[SwappedLayer] = []
-        self._installed: list[tuple[SwappedLayer, nn.Module, _SwapState]] = []
+        self._installed: list[tuple[SwappedLayer, object]] = []  # (record, revert() -> bool)
+        self._states: list[tuple[str, _SwapState]] = []
 
     def __repr__(self) -> str:
         return (f"SwapHandle(swapped={[(s.name, s.family) for s in self.swapped]}, "
@@ -157,14 +200,8 @@ class SwapHandle:
 
     def revert(self) -> list[str]:
         """Give the swapped modules their own forward back. Returns the names reverted."""
-        reverted = []
-        for record, module, state in self._installed:
-            if module.__dict__.get(_STATE) is state:
-                del module.__dict__[_STATE]
-                if isinstance(module.__dict__.get("forward"), _SwappedForward):
-                    del module.__dict__["forward"]
-                reverted.append(record.name)
-        self._installed = []
+        reverted = [record.name for record, revert in self._installed if revert()]
+        self._installed, self._states = [], []
         return reverted
 
     def __enter__(self) -> "SwapHandle":
@@ -175,9 +212,10 @@ class SwapHandle:
 
     @contextlib.contextmanager
     def recording(self):
-        """Collect the attention of every swapped layer call: yields {name: [AttentionMap, ...]}."""
+        """Collect the attention of every swapped layer call: yields {name: [AttentionMap, ...]}.
+        (fastattn's own SelfAttention2d layers are not recorded: use their attention_map(x).)"""
         maps: dict[str, list] = {}
-        states = [(record.name, state) for record, _, state in self._installed]
+        states = list(self._states)
         for name, state in states:
             state.recorder = maps.setdefault(name, [])
         try:
@@ -263,6 +301,14 @@ def swap_attention(model: nn.Module, *, backend: str | None = None, strict: bool
     handle = SwapHandle()
     for name, module in model.named_modules():
         kind = type(module).__name__
+        if isinstance(module, SelfAttention2d):
+            if module.attention == "fastattn" and module.backend == backend:
+                handle.already_swapped.append(SwappedLayer(name, "fastattn", kind))
+            else:
+                record = SwappedLayer(name, "fastattn", kind)
+                handle.swapped.append(record)
+                handle._installed.append((record, _native_swap(module, backend)))
+            continue
         if _STATE in module.__dict__:
             handle.already_swapped.append(SwappedLayer(name, module.__dict__[_STATE].family.name, kind))
             continue
@@ -272,7 +318,7 @@ def swap_attention(model: nn.Module, *, backend: str | None = None, strict: bool
         reasons = {m.family.name: list(m.reasons) for m in matches}
         chosen = None
         for candidate in (m for m in matches if m.ok):
-            if "forward" in module.__dict__:
+            if "forward" in module.__dict__ or "_replicate_for_data_parallel" in module.__dict__:
                 reasons[candidate.family.name] = ["its forward is already replaced on this instance by other code"]
                 continue
             failure = _probe(module, candidate.family) if verify else None
@@ -285,11 +331,11 @@ def swap_attention(model: nn.Module, *, backend: str | None = None, strict: bool
             handle.skipped.append(SkippedLayer(name, kind, reasons))
             continue
         state = _SwapState(chosen, backend)
-        module.__dict__[_STATE] = state
-        module.__dict__["forward"] = _SwappedForward(module)
+        _install_forward(module, state)
         record = SwappedLayer(name, chosen.name, kind)
         handle.swapped.append(record)
-        handle._installed.append((record, module, state))
+        handle._installed.append((record, lambda module=module, state=state: _uninstall_forward(module, state)))
+        handle._states.append((name, state))
     if strict and not handle.swapped and not handle.already_swapped:
         raise LookupError("swap_attention(strict=True) found no attention layer to swap in "
                           f"{type(model).__name__}" + (":\n" + handle.summary() if handle.skipped else

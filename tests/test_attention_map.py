@@ -75,6 +75,9 @@ def test_attention_map_acts_as_a_tensor_in_torch_functions_and_methods():
     assert_close(torch.sum(amap, dim=-1), torch.ones(2, 20, dtype=torch.float64))
     assert_close(amap.cpu(), full)
     assert_close(amap.mean(), full.mean())
+    assert_close(amap * 2 - 1, full * 2 - 1)
+    assert_close(torch.as_tensor(np.asarray(amap)), full)
+    assert_close(torch.stack(list(amap)), full)
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         amap.nonsense
 

@@ -46,6 +46,7 @@ def _worker(rank, init_file, out_file):
             grads = {f"gen.{n}": p.grad for n, p in gen.named_parameters()}
             grads.update({f"disc.{n}": p.grad for n, p in disc.named_parameters()})
             torch.save(grads, out_file)
+        dist.barrier()  # leave together: a rank exiting while gloo still talks to it aborts
     finally:
         dist.destroy_process_group()
 

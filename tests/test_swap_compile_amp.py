@@ -13,7 +13,7 @@ import fastattn
 from fastattn.constants import ERROR_RATIO_OUT
 from fastattn.testing import assert_close, error_bound, max_abs_error
 from gan_families import (Attention, Self_Attn, SmallDiscriminator, SmallGenerator,
-                          residual_scalars_nonzero, set_residual_scalar, warm_up_spectral_norm)
+                          residual_scalars_nonzero, set_residual_scalar)
 
 
 def _generator(dtype=torch.float32):
@@ -46,13 +46,15 @@ def test_compiled_swapped_generator_matches_eager_outputs_gradients_and_sn_state
         assert_close(state[key], value, name=f"state {key}")
 
 
-def test_swapped_layer_compiles_without_graph_breaks():
+@pytest.mark.parametrize("build", [lambda: Attention(16), lambda: Self_Attn(16, "relu")],
+                         ids=["biggan", "heykeetae_returning_the_map"])
+def test_swapped_layer_compiles_without_graph_breaks(build):
     import torch._dynamo
 
-    layer = set_residual_scalar(Attention(16))
+    layer = set_residual_scalar(build())
     fastattn.swap_attention(layer, backend="torch")
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(layer)(torch.randn(2, 16, 8, 8), None)
+    explanation = torch._dynamo.explain(layer)(torch.randn(2, 16, 8, 8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 

@@ -11,7 +11,7 @@ from fastattn import AttentionFamily, register_adapter, swap_attention, unregist
 from fastattn.dispatch import _REGISTRY, Backend, BackendUnavailableError, register_backend
 from fastattn.swap import is_swapped
 from fastattn.testing import assert_close
-from gan_families import (PARTIAL_MATCHES, AttentionWithNorm, ScaledSelfAttn, Self_Attn,
+from gan_families import (PARTIAL_MATCHES, Attention, AttentionWithNorm, ScaledSelfAttn, Self_Attn,
                           SmallDiscriminator, SmallGenerator, residual_scalars_nonzero,
                           set_residual_scalar, warm_up_spectral_norm)
 
@@ -215,3 +215,111 @@ def test_no_warning_when_everything_matches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         swap_attention(gen)
+
+
+def test_data_parallel_replicas_run_their_own_submodules():
+    layer = set_residual_scalar(Self_Attn(16, "relu"))
+    handle = swap_attention(layer, backend="torch")
+    replica = layer._replicate_for_data_parallel()  # what nn.DataParallel does per device,
+    replica.gamma = layer.gamma.detach() * 1  # then it sets the parameters as plain tensors
+    assert replica.forward.module is replica and is_swapped(replica)
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(replica(x)[0], layer(x)[0])
+    handle.revert()
+    assert "_replicate_for_data_parallel" not in vars(layer) and "forward" not in vars(layer)
+
+
+def test_fastattn_layers_in_a_model_are_switched_from_naive_and_back():
+    model = nn.Sequential(fastattn.SelfAttention2d(16, attention="naive"),
+                          fastattn.SelfAttention2d(16, pool=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BigGAN-like names must not read as a partial match
+        handle = swap_attention(model, strict=True)
+    assert [(s.name, s.family) for s in handle.swapped] == [("0", "fastattn")]
+    assert [s.name for s in handle.already_swapped] == ["1"]
+    assert model[0].attention == "fastattn"
+    assert handle.revert() == ["0"] and model[0].attention == "naive"
+
+
+def test_swapped_pooled_layer_rejects_inputs_with_no_key_left_after_pooling():
+    layer = Attention(16)
+    swap_attention(layer)
+    with pytest.raises(ValueError, match=r"no key for an input of shape \(1, 16, 1, 6\)"):
+        layer(torch.randn(1, 16, 1, 6))
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor"):
+        layer(torch.randn(16, 4, 4))
+
+
+def test_deepcopy_and_pickle_keep_the_swap_bound_to_the_copy():
+    import io
+
+    gen, _ = _models()
+    swap_attention(gen, backend="torch")
+    ema = copy.deepcopy(gen)  # BigGAN's G_ema
+    buffer = io.BytesIO()
+    torch.save(gen, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    z, y = _inputs()
+    gen.eval(), ema.eval(), loaded.eval()
+    with torch.no_grad():
+        want = gen(z, y)
+        for twin in (ema, loaded):
+            assert twin.attn1.forward.module is twin.attn1 and is_swapped(twin.attn2)
+            assert torch.equal(twin(z, y), want)
+
+
+def test_r1_gradient_penalty_through_swapped_discriminator_matches_original():
+    _, disc = _models()
+    disc = disc.eval()  # R1 on a fixed D; BatchNorm in the partial-match block stays fixed too
+    swapped = copy.deepcopy(disc)
+    with pytest.warns(UserWarning):
+        swap_attention(swapped, backend="torch")
+    image = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    for model in (disc, swapped):
+        real = image.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(real)[0].sum(), real, create_graph=True)
+        grad.square().sum().backward()  # double backward through the attention
+    swapped_params = dict(swapped.named_parameters())
+    for name, param in disc.named_parameters():
+        if param.grad is None:  # biases after the last nonlinearity do not move the input gradient
+            assert swapped_params[name].grad is None, name
+            continue
+        assert_close(swapped_params[name].grad, param.grad, name=f"R1 grad of {name}")
+    assert disc.attn1.query_conv.weight.grad.abs().sum() > 0
+
+
+def test_channels_last_inputs_give_the_same_output():
+    layer = set_residual_scalar(warm_up_spectral_norm(SelfAttn_like()))
+    swapped = copy.deepcopy(layer)
+    swap_attention(swapped, backend="torch")
+    x = torch.randn(2, 16, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got = swapped.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        assert_close(got, layer(x), name="channels_last output")
+
+
+def SelfAttn_like():  # noqa: N802
+    from gan_families import SelfAttn
+
+    torch.manual_seed(0)
+    return SelfAttn(16).double()
+
+
+def test_softmax_child_is_optional_but_must_be_over_keys_when_present():
+    class ForkForward(Self_Attn):  # forks that call torch.softmax in forward, no softmax child
+        def forward(self, x):
+            b, c, h, w = x.shape
+            q = self.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
+            attention = torch.softmax(torch.bmm(q, self.key_conv(x).view(b, -1, h * w)), dim=-1)
+            out = torch.bmm(self.value_conv(x).view(b, -1, h * w), attention.permute(0, 2, 1))
+            return self.gamma * out.view(b, c, h, w) + x, attention
+
+    fork = set_residual_scalar(ForkForward(16, "relu"))
+    del fork.softmax
+    assert [s.family for s in swap_attention(fork).swapped] == ["heykeetae"]
+    wrong_dim = Self_Attn(16, "relu")
+    wrong_dim.softmax = nn.Softmax(dim=1)
+    with pytest.warns(UserWarning, match=r"expected nn.Softmax\(dim=-1\)"):
+        assert swap_attention(wrong_dim).swapped == []
