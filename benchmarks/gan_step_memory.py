@@ -90,8 +90,19 @@ def child(args) -> dict:
         method = "VmHWM after clear_refs reset" if reset else "VmHWM of the whole process (reset refused)"
     n = args.attn_res * args.attn_res
     m = n // 4 if args.pool else n
+    layer = G.attn
+    if args.variant == "fastattn":  # which backend automatic choice (or --backend) ran
+        from fastattn.dispatch import select_backend
+
+        q = torch.empty(args.batch, layer.qk_channels, n, device=device)
+        k = torch.empty(args.batch, layer.qk_channels, m, device=device)
+        v = torch.empty(args.batch, layer.v_channels, m, device=device)
+        backend_used = select_backend(q, k, v, args.backend).name
+    else:
+        backend_used = "fastattn.reference (bmm -> softmax -> bmm)"
     return {
         "variant": args.variant,
+        "backend_used": backend_used,
         "peak_bytes": peak,
         "before_bytes": before,
         "step_bytes": peak - before,
@@ -128,13 +139,13 @@ def parent(args) -> int:
     print(f"Generator training step, attention at {args.attn_res}x{args.attn_res} (N={n}, "
           f"M={n // 4 if args.pool else n}, {'pooled' if args.pool else 'unpooled'}), resolution "
           f"{args.resolution}, ch {args.ch}, batch {args.batch}, {args.device}, {args.steps} timed steps")
-    print(f"{'variant':<10}{'peak':>12}{'before':>12}{'step':>12}{'median s':>10}")
+    print(f"{'variant':<10}{'peak':>12}{'before':>12}{'step':>12}{'median s':>10}  backend")
     for r in results.values():
         if "failed" in r:
             print(f"{r['variant']:<10} failed: {r['failed']}")
         else:
             print(f"{r['variant']:<10}{_gib(r['peak_bytes']):>12}{_gib(r['before_bytes']):>12}"
-                  f"{_gib(r['step_bytes']):>12}{r['median_s']:>10.2f}")
+                  f"{_gib(r['step_bytes']):>12}{r['median_s']:>10.2f}  {r['backend_used']}")
     ratio = None
     if all("failed" not in results.get(v, {"failed": 1}) for v in VARIANTS):
         naive, fast = results["naive"], results["fastattn"]
