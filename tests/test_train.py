@@ -14,6 +14,16 @@ TINY = ["--resolution", "16", "--ch", "4", "--z-dim", "8", "--batch-size", "4", 
         "--g-attn-res", "16", "--d-attn-res", "8", "--fd-samples", "16", "--quiet"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is as fast as two on an idle machine and keeps the tests
+    from slowing down tenfold (OpenMP oversubscription) on a busy one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
