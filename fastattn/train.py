@@ -11,6 +11,9 @@ samples.png (the latest grid), losses.png, config.json and, at the end, summary.
 "Shows learning" is measured by FD8, the Frechet distance between 8x8-pooled samples and the
 data (fastattn.models.metrics): it is logged at every sample interval and summary.json reports
 it before and after training, next to its floor (the data against another draw of itself).
+The default run (500 steps, 32x32 shapes) takes FD8 from 104 to 11.4 (floor 1.4): x0.11, with
+the same numbers on 1 or 2 threads; 3 CPU-minutes (0.66 s/step on one core of the 2-core dev
+machine while other jobs shared it; use --threads 1 on a busy machine).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ DEFAULTS = {
     "beta1": 0.0, "beta2": 0.9, "d_steps": 1, "n_images": 4096, "data": None, "seed": 0,
     "dtype": "float32",
 }
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 500
 # Settings that may change when resuming (the rest must match the checkpoint).
 RESUMABLE_CHANGES = ("steps", "device", "attention", "backend")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -109,13 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"size of the generated shapes dataset [{d['n_images']}]")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None, help=f"[{d['dtype']}]")
     o = p.add_argument_group("output")
-    o.add_argument("--sample-every", type=_non_negative_int, default=250,
+    o.add_argument("--sample-every", type=_non_negative_int, default=100,
                    help="sample grid, FD8 and loss plot every this many steps, 0: only at the end (default %(default)s)")
     o.add_argument("--ckpt-every", type=_non_negative_int, default=250,
                    help="checkpoint every this many steps, 0: only at the end (default %(default)s)")
     o.add_argument("--fd-samples", type=_non_negative_int, default=512,
                    help="samples for FD8, 0 to skip it (default %(default)s)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
     return p
 
 
@@ -240,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     config = _resolve_config(parser, args, saved_state["config"] if saved_state else None)
     steps = args.steps or (saved_state or {}).get("target_steps") or DEFAULT_STEPS
     device = _resolve_device(parser, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     _check_backend(parser, args.backend, args.attention)
     dataset = _load_dataset(parser, config)
     n_classes = dataset.n_classes if config["conditional"] else 0
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             row["fd8"] = evaluator.fd8()
         if rows:
-            plot_losses(rows, out / "losses.png", f"{args.attention} attention, {dataset.source}")
+            plot_losses(rows, out / "losses.png", f"{args.attention} attention, {dataset.source}",
+                        extra.get("fd8_initial"), getattr(evaluator, "fd8_floor", None))
 
     from tqdm import tqdm
 

@@ -16,6 +16,16 @@ from fastattn.models import (
 from fastattn.models.metrics import fd8, frechet_distance, pooled_features
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is as fast as two on an idle machine and keeps the tests
+    from slowing down tenfold (OpenMP oversubscription) on a busy one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tiny(resolution=16, **kw):
     torch.manual_seed(0)
     g_kw = {"ch": 4, "z_dim": 8, "attn_resolution": resolution, **kw}

@@ -16,6 +16,16 @@ STEPS = 6
 GAMMA = 0.5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is as fast as two on an idle machine and keeps the tests
+    from slowing down tenfold (OpenMP oversubscription) on a busy one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _trainer(attention, dtype, weights=None):
     torch.manual_seed(0)
     G = Generator(16, ch=8, z_dim=16, n_classes=4, attn_resolution=16, attention=attention)

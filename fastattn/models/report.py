@@ -37,8 +37,10 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Loss curves (raw and moving average) of D and G, plus FD8 where it was measured."""
+def plot_losses(rows: list[dict], path: str | Path, title: str = "", fd8_initial: float | None = None,
+                fd8_floor: float | None = None) -> Path:
+    """Loss curves (raw and moving average) of D and G, plus FD8 where it was measured (with the
+    value before training at step 0 and the data's own floor as a dashed line, when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +61,12 @@ def plot_losses(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "losses")
     if fd_rows:
         ax = axes[0][1]
-        ax.plot([r["step"] for r in fd_rows], [r["fd8"] for r in fd_rows], marker="o", color="tab:green")
+        start = [(0, fd8_initial)] if fd8_initial is not None else []
+        points = start + [(r["step"], r["fd8"]) for r in fd_rows]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", color="tab:green", label="samples")
+        if fd8_floor is not None:
+            ax.axhline(fd8_floor, color="gray", linestyle="--", label="data vs data")
+        ax.legend()
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("FD8 to the data (lower is closer)")
