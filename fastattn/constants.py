@@ -6,9 +6,12 @@ import torch
 # --- torch backend -------------------------------------------------------------------------
 # Bytes of fp32 working memory per (B x chunk x M) logits buffer in the chunked torch backend.
 # The backward holds two such buffers (probabilities and their gradient), so working memory is
-# about 2x this, whatever N is. Measured on the 2-core CPU dev machine (benchmarks/tune_chunk.py):
-# 4-8 MiB keeps the buffer in cache and is fastest at the BigGAN-256 and unpooled-stress sites;
-# see the table printed by that script.
+# about 2x this, whatever N is. Measured with benchmarks/tune_chunk.py on the 2-core AMD EPYC dev
+# machine (2 MiB L2 per core, 32 MiB L3; torch 2.13.0+cpu, 2 threads, quiet), median fp32
+# forward+backward, B=1:       budget MiB:  1      2      4      8      16     32     64
+#   biggan256_G128 (N=16384, M=4096)        0.549  0.529  0.504  0.477  0.485  0.610  0.624 s
+#   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
+# 8 MiB is fastest at both. Not tuned on CUDA (no GPU yet); there the triton backend is the default.
 TORCH_CHUNK_BYTES = 8 * 2**20
 
 # --- accuracy ------------------------------------------------------------------------------
