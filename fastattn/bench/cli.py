@@ -236,7 +236,8 @@ def run(args) -> tuple[dict, list[dict]]:
     env = environment(device)
     from .presets import over_cpu_work_cap
 
-    left_out = over_cpu_work_cap() if preset == "gan" and device.type == "cpu" and not args.shape else []
+    left_out = (over_cpu_work_cap() if preset == "gan" and device.type == "cpu" and not args.shape
+                and args.custom is None else [])
     env.update(preset=preset, providers=providers, scale=SCALE, seed=args.seed, left_out=left_out,
                free_memory_bytes_at_start=free_bytes,
                timing=("CUDA events, L2 flushed" if device.type == "cuda" else "time.perf_counter")

@@ -192,7 +192,8 @@ def markdown_table(records: list[dict], env: dict, compact: bool = False) -> str
             speed = _fmt(r.get("speedup_vs_naive"), ".2f") + ("x" if r.get("speedup_vs_naive") else "")
             mem = _fmt(r.get("mem_vs_naive"), ".2f") + ("x" if r.get("mem_vs_naive") else "")
             cells = {"median ms": f"{1e3 * r['median_s']:.3g}", "IQR ms": iqr,
-                     "peak MiB": _fmt(None if peak is None else peak / 2**20, ".1f"),
+                     "peak MiB": ("error" if r.get("memory_error") else
+                                  _fmt(None if peak is None else peak / 2**20, ".1f")),
                      "speedup": speed, "mem ratio": mem, "max err": _fmt(r.get("max_err"), ".2e"),
                      "match": r.get("match") or "-", "TFLOP/s": _fmt(r.get("tflops"), ".1f"),
                      "% bound": _fmt(r.get("pct_of_bound"), ".0f")}
