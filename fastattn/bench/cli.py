@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compare: a slowdown counts when the median grew more than R times and the "
                         "interquartile ranges do not overlap (default BENCH_REGRESSION_RATIO in "
                         "fastattn/constants.py; re-derive it for your machine with benchmarks/measure_noise.py)")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="run nothing: take env and records from this --json file and write the table, "
+                        "--markdown, --plots and --compare from them (e.g. the README's from committed results)")
     p.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -130,13 +133,14 @@ def parse_args(argv: list[str]):
         parser.error(f"--regression-ratio must be a number >= 1 (a slowdown factor), got {args.regression_ratio}")
     if args.min_repeats and args.repeats and args.min_repeats > args.repeats:
         parser.error(f"--min-repeats ({args.min_repeats}) must not exceed --repeats ({args.repeats})")
-    if args.compare:
-        from .report import load_json
+    from .report import load_json
 
-        try:
-            args.old = load_json(args.compare)
-        except ValueError as error:
-            parser.error(str(error))
+    for option, path in (("--compare", args.compare), ("--from-json", args.from_json)):
+        if path:
+            try:
+                setattr(args, "old" if option == "--compare" else "loaded", load_json(path, option))
+            except ValueError as error:
+                parser.error(str(error))
     return args
 
 
@@ -302,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    env, records = run(args)
+    if args.from_json:
+        env, records = args.loaded["env"], args.loaded["records"]
+    else:
+        env, records = run(args)
     if args.list:
         for r in records:
             print(f"{r['shape']} B={r['B']} {r['dtype']} {r['direction']} {r['provider']}"

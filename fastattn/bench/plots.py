@@ -1,5 +1,9 @@
 """PNG plots of a benchmark run (matplotlib, Agg backend): time and peak memory per sample against
-N for each provider, and the speedup over naive per site."""
+the problem size for each provider, and the speedup over naive per site.
+
+The x axis is N*M, the (query, key) pairs per sample, rather than N alone: several sites share
+N (pooled and unpooled layers at one resolution) and differ only in M, and both time and the
+naive path's memory scale with N*M. Points are labelled with their site ids."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -35,13 +39,18 @@ def _against_n(records, groups, field: str, scale: float, ylabel: str, title: st
         series = defaultdict(list)
         for r in records:
             if r["status"] == "ok" and r["dtype"] == dtype and r["direction"] == direction and r.get(field):
-                series[r["provider"]].append((r["N"], r[field] * scale / r["B"], r["shape"]))
+                series[r["provider"]].append((r["N"] * r["M"], r[field] * scale / r["B"], r["shape"]))
+        labelled = set()
         for provider, points in series.items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+            for x, y, site in points:
+                if site not in labelled:
+                    labelled.add(site)
+                    ax.annotate(site, (x, y), fontsize=6, alpha=0.7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("N (queries = H*W)")
+        ax.set_xlabel("N*M (query-key pairs per sample)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{dtype} {direction}")
         ax.grid(True, which="both", alpha=0.3)
@@ -83,9 +92,9 @@ def write_plots(records: list[dict], env: dict, directory: str) -> list[Path]:
     groups = _groups(records)
     if not groups:
         return []
-    paths = [out / "time_vs_n.png", out / "memory_vs_n.png", out / "speedup_per_site.png"]
-    _against_n(records, groups, "median_s", 1e3, "median ms per sample", "Time against N", env, paths[0])
+    paths = [out / "time_vs_pairs.png", out / "memory_vs_pairs.png", out / "speedup_per_site.png"]
+    _against_n(records, groups, "median_s", 1e3, "median ms per sample", "Time against N*M", env, paths[0])
     _against_n(records, groups, "peak_bytes", 2.0**-20, "peak MiB per sample (beyond inputs)",
-               "Peak memory against N", env, paths[1])
+               "Peak memory against N*M", env, paths[1])
     _speedup(records, groups, env, paths[2])
     return paths

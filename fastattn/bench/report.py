@@ -208,17 +208,17 @@ def write_json(path: str | os.PathLike, env: dict, records: list[dict]) -> None:
     path.write_text(json.dumps({"env": env, "records": records}, indent=1) + "\n")
 
 
-def load_json(path: str | os.PathLike) -> dict:
-    """A file written by --json; raises ValueError saying what is wrong with it."""
+def load_json(path: str | os.PathLike, option: str = "--compare") -> dict:
+    """A file written by --json; raises ValueError naming `option` and what is wrong."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as error:
-        raise ValueError(f"--compare: cannot read {path}: {error.strerror or error}") from None
+        raise ValueError(f"{option}: cannot read {path}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"--compare: {path} is not JSON ({error})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise ValueError(f"--compare: {path} is not a `fastattn bench --json` file: expected an object "
-                         f"with a 'records' list, got {type(data).__name__} with keys {list(data)[:5] if isinstance(data, dict) else '-'}")
+        raise ValueError(f"{option}: {path} is not JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list) or "env" not in data:
+        raise ValueError(f"{option}: {path} is not a `fastattn bench --json` file: expected an object "
+                         f"with 'env' and a 'records' list, got {type(data).__name__} with keys {list(data)[:5] if isinstance(data, dict) else '-'}")
     return data
 
 
