@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", metavar="PATH",
                    help="run nothing: take env and records from this --json file and write the table, "
                         "--markdown, --plots and --compare from them (e.g. the README's from committed results)")
+    p.add_argument("--note", metavar="TEXT", help="a remark about the machine or run, kept in the JSON "
+                   "environment and printed with the markdown table (e.g. 'shared machine, load 7')")
     p.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         env, records = args.loaded["env"], args.loaded["records"]
     else:
         env, records = run(args)
+    if args.note:
+        env["note"] = args.note
     if args.list:
         for r in records:
             print(f"{r['shape']} B={r['B']} {r['dtype']} {r['direction']} {r['provider']}"
@@ -327,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(
             f"Machine: {report.machine_line(env)}; {env['date']}, fastattn {env['fastattn']} "
-            f"({env.get('git_commit')}), preset {env['preset']}.\n\n"
+            f"({env.get('git_commit')}), preset {env['preset']}."
+            + (f" Note: {env['note']}." if env.get("note") else "") + "\n\n"
             + report.markdown_table(records, env, compact=True) + "\n")
         print(f"wrote {args.markdown}")
     if args.plots:

@@ -167,6 +167,11 @@ def add_derived(records: list[dict], env: dict) -> None:
             r["pct_of_bound"] = 100 * bound / r["median_s"] if bound else None
 
 
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -188,10 +193,10 @@ def markdown_table(records: list[dict], env: dict, compact: bool = False) -> str
             row += [text] + [""] * (len(head) - len(row) - 1)
         else:
             peak = r.get("peak_bytes")
-            iqr = f"{1e3 * r['q25_s']:.3g}-{1e3 * r['q75_s']:.3g}"
+            iqr = f"{_ms(r['q25_s'])}-{_ms(r['q75_s'])}"
             speed = _fmt(r.get("speedup_vs_naive"), ".2f") + ("x" if r.get("speedup_vs_naive") else "")
             mem = _fmt(r.get("mem_vs_naive"), ".2f") + ("x" if r.get("mem_vs_naive") else "")
-            cells = {"median ms": f"{1e3 * r['median_s']:.3g}", "IQR ms": iqr,
+            cells = {"median ms": _ms(r["median_s"]), "IQR ms": iqr,
                      "peak MiB": ("error" if r.get("memory_error") else
                                   _fmt(None if peak is None else peak / 2**20, ".1f")),
                      "speedup": speed, "mem ratio": mem, "max err": _fmt(r.get("max_err"), ".2e"),
@@ -248,9 +253,9 @@ def compare(old: dict, records: list[dict], ratio: float = BENCH_REGRESSION_RATI
             verdict = f"REGRESSION: was ok, now {r['status']}: {r['reason']}"
             regressions.append(f"{name}: {verdict}")
         elif o.get("status") != "ok":
-            verdict, new_ms = "now runs", f"{1e3 * r['median_s']:.3g}"
+            verdict, new_ms = "now runs", _ms(r["median_s"])
         else:
-            old_ms, new_ms = f"{1e3 * o['median_s']:.3g}", f"{1e3 * r['median_s']:.3g}"
+            old_ms, new_ms = _ms(o["median_s"]), _ms(r["median_s"])
             change = f"{100 * (r['median_s'] / o['median_s'] - 1):+.0f}%"
             verdict = "same (within noise)"
             if is_slower(r, o, ratio):
