@@ -6,6 +6,7 @@
 #     THREADS=1 benchmarks/run_cpu_results.sh       # on a machine shared with other work
 #     PYTHON=.venv/bin/python benchmarks/run_cpu_results.sh
 #     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: stress gan quick pytest
+#     NOTE="quiet machine" benchmarks/run_cpu_results.sh  # a remark printed with the tables
 #
 # About 5 min (stress) + 10-15 min (gan) + 1 min (quick) on a quiet 2-core CPU.
 set -euo pipefail
@@ -15,6 +16,9 @@ OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
 THREAD_ARGS=()
 PYTEST_THREAD_ARGS=()
+if [[ -n "${NOTE:-}" ]]; then
+    THREAD_ARGS+=(--note "$NOTE")
+fi
 if [[ -n "${THREADS:-}" ]]; then
     THREAD_ARGS=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
