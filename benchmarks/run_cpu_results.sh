@@ -14,17 +14,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
-THREAD_ARGS=()
+BENCH_ARGS=()
 PYTEST_THREAD_ARGS=()
 if [[ -n "${NOTE:-}" ]]; then
-    THREAD_ARGS+=(--note "$NOTE")
+    BENCH_ARGS+=(--note "$NOTE")
 fi
 if [[ -n "${THREADS:-}" ]]; then
-    THREAD_ARGS=(--threads "$THREADS")
+    BENCH_ARGS=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
 fi
 STEPS=${STEPS:-stress gan quick pytest}
-bench() { "$PY" -m fastattn bench --device cpu --no-progress "${THREAD_ARGS[@]}" "$@"; }
+bench() { "$PY" -m fastattn bench --device cpu --no-progress "${BENCH_ARGS[@]}" "$@"; }
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # Issue 2 targets: naive vs SDPA vs fastattn-torch, fp32, B=1, at the BigGAN-256 generator site
