@@ -20,7 +20,7 @@ if [[ -n "${NOTE:-}" ]]; then
     BENCH_ARGS+=(--note "$NOTE")
 fi
 if [[ -n "${THREADS:-}" ]]; then
-    BENCH_ARGS=(--threads "$THREADS")
+    BENCH_ARGS+=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
 fi
 STEPS=${STEPS:-stress gan quick pytest}
