@@ -36,7 +36,7 @@ def test_tiny_custom_case_writes_json_markdown_and_plots_with_required_fields(tm
     assert all(r["speedup_vs_naive"] == 1.0 for r in naive)
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("Machine: CPU") and "| fastattn-torch |" in table
-    for name in ("time_vs_pairs.png", "memory_vs_pairs.png", "speedup_per_site.png"):
+    for name in ("time_vs_flops.png", "memory_vs_pairs.png", "speedup_per_site.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| naive |" in capsys.readouterr().out
     # the README's table is regenerated from committed results without rerunning anything
