@@ -20,6 +20,9 @@ from .presets import DTYPES
 __all__ = ["environment", "add_derived", "markdown_table", "write_json", "load_json", "compare",
            "machine_line", "record_key", "is_slower"]
 
+# Peaks below this are too close to the CPU method's noise floor (measured 0-70 KiB) for a ratio.
+_MIN_PEAK_FOR_RATIO = 256 * 2**10
+
 RECORD_KEY_FIELDS = ("shape", "B", "N", "M", "d_qk", "d_v", "dtype", "direction", "provider")
 
 
@@ -161,7 +164,7 @@ def add_derived(records: list[dict], env: dict) -> None:
         r["match"] = _match(r, base)
         if base is not None:
             r["speedup_vs_naive"] = base["median_s"] / r["median_s"]
-            if base.get("peak_bytes") and r.get("peak_bytes"):
+            if min(base.get("peak_bytes") or 0, r.get("peak_bytes") or 0) >= _MIN_PEAK_FOR_RATIO:
                 r["mem_vs_naive"] = base["peak_bytes"] / r["peak_bytes"]
         if env.get("device_type") == "cuda":
             r["tflops"] = r["flops"] / r["median_s"] / 1e12
