@@ -5,6 +5,8 @@
 #     benchmarks/run_cpu_results.sh                 # torch's default thread count
 #     THREADS=1 benchmarks/run_cpu_results.sh       # on a machine shared with other work
 #     PYTHON=.venv/bin/python benchmarks/run_cpu_results.sh
+#     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: stress gan quick pytest
+#     NOTE="quiet machine" benchmarks/run_cpu_results.sh  # a remark printed with the tables
 #
 # About 5 min (stress) + 10-15 min (gan) + 1 min (quick) on a quiet 2-core CPU.
 set -euo pipefail
@@ -12,24 +14,29 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
-THREAD_ARGS=()
+BENCH_ARGS=()
 PYTEST_THREAD_ARGS=()
+if [[ -n "${NOTE:-}" ]]; then
+    BENCH_ARGS+=(--note "$NOTE")
+fi
 if [[ -n "${THREADS:-}" ]]; then
-    THREAD_ARGS=(--threads "$THREADS")
+    BENCH_ARGS+=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
 fi
-bench() { "$PY" -m fastattn bench --device cpu --no-progress "${THREAD_ARGS[@]}" "$@"; }
+STEPS=${STEPS:-stress gan quick pytest}
+bench() { "$PY" -m fastattn bench --device cpu --no-progress "${BENCH_ARGS[@]}" "$@"; }
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # Issue 2 targets: naive vs SDPA vs fastattn-torch, fp32, B=1, at the BigGAN-256 generator site
 # (N=16384, M=4096, d_qk=24, d_v=96) and the unpooled stress site (N=M=16384, d_qk=8, d_v=64).
-bench --preset stress --dtype float32 --provider naive,sdpa,fastattn-torch \
+step stress && bench --preset stress --dtype float32 --provider naive,sdpa,fastattn-torch \
     --json "$OUT/stress.json" --markdown "$OUT/stress.md" --plots "$OUT/stress-plots" | tee "$OUT/stress.txt"
 # Every GAN site, batch scaled to this machine (stated in the output).
-bench --preset gan --direction fwd,fwd+bwd \
+step gan && bench --preset gan --direction fwd,fwd+bwd \
     --json "$OUT/gan.json" --markdown "$OUT/gan.md" --plots "$OUT/gan-plots" | tee "$OUT/gan.txt"
 # The CI-sized preset (the baseline for `fastattn bench --compare`).
-bench --preset quick --json "$OUT/quick.json" --markdown "$OUT/quick.md" | tee "$OUT/quick.txt"
+step quick && bench --preset quick --json "$OUT/quick.json" --markdown "$OUT/quick.md" | tee "$OUT/quick.txt"
 # The same providers through pytest-benchmark.
-"$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider "${PYTEST_THREAD_ARGS[@]}" \
+step pytest && "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider "${PYTEST_THREAD_ARGS[@]}" \
     --benchmark-json "$OUT/pytest-benchmark-quick.json" | tail -n 3
 echo "results in $OUT"

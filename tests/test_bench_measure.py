@@ -56,3 +56,21 @@ def test_accuracy_check_flags_a_wrong_output_and_passes_the_reference_itself():
     out, grads = call(setup())
     bad = measure.accuracy((out * 1.01, grads), reference, "fwd+bwd", "float32")
     assert not bad["out_within_tol"] and bad["out_err"] > 1e-4
+
+
+def test_tflops_and_percent_of_bound_follow_the_hopper_clock_model():
+    from fastattn.bench.report import add_derived
+
+    # d_qk = d_v = 64: forward 2*128/4096 + 1/16 = 0.125 clocks per SM per (query, key) pair.
+    env = {"device_type": "cuda", "compute_capability": "9.0", "sm_count": 132, "sm_clock_hz": 1.98e9}
+    pairs = 2 * 4096 * 1024
+    bound_s = pairs * 0.125 / (132 * 1.98e9)
+    site = Site("h", 2, 4096, 1024, 64, 64, 2)
+    record = {"shape": "h", "B": 2, "N": 4096, "M": 1024, "d_qk": 64, "d_v": 64, "dtype": "bfloat16",
+              "direction": "fwd", "provider": "fastattn-triton", "status": "ok", "median_s": 2 * bound_s,
+              "flops": attention_flops(site, "fwd")}
+    fp32 = {**record, "dtype": "float32"}
+    add_derived([record, fp32], env)
+    assert abs(record["pct_of_bound"] - 50.0) < 1e-9
+    assert abs(record["tflops"] - 2 * pairs * 128 / (2 * bound_s) / 1e12) < 1e-9
+    assert fp32["pct_of_bound"] is None  # the bound is for fp16/bf16 tensor cores only

@@ -1,5 +1,10 @@
 """PNG plots of a benchmark run (matplotlib, Agg backend): time and peak memory per sample against
-N for each provider, and the speedup over naive per site."""
+the problem size for each provider, and the speedup over naive per site.
+
+The x axis is not N alone: several sites share N (pooled and unpooled layers at one resolution)
+and differ in M and the channel widths. Time is plotted against the matmul FLOPs per sample of
+the direction (what it scales with), memory against N*M, the (query, key) pairs per sample (what
+the naive path's matrices scale with). Points are labelled with their site ids."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -28,20 +33,35 @@ def _groups(records: list[dict]) -> list[tuple[str, str]]:
     return seen
 
 
-def _against_n(records, groups, field: str, scale: float, ylabel: str, title: str, env: dict, path: Path):
+def _x_flops(r: dict) -> tuple[float, str]:
+    return r["flops"] / r["B"] / 1e9, "GFLOP per sample (matmuls of this direction)"
+
+
+def _x_pairs(r: dict) -> tuple[float, str]:
+    return r["N"] * r["M"], "N*M (query-key pairs per sample)"
+
+
+def _against_size(records, groups, field: str, scale: float, x_of, ylabel: str, title: str, env: dict,
+                  path: Path):
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False)
     for ax, (dtype, direction) in zip(axes[0], groups):
-        series = defaultdict(list)
+        series, xlabel = defaultdict(list), ""
         for r in records:
             if r["status"] == "ok" and r["dtype"] == dtype and r["direction"] == direction and r.get(field):
-                series[r["provider"]].append((r["N"], r[field] * scale / r["B"], r["shape"]))
+                series[r["provider"]].append((x_of(r)[0], r[field] * scale / r["B"], r["shape"]))
+                xlabel = x_of(r)[1]
+        labelled = set()
         for provider, points in series.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="none", label=provider)
+            for x, y, site in points:
+                if site not in labelled:
+                    labelled.add(site)
+                    ax.annotate(site, (x, y), fontsize=6, alpha=0.7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("N (queries = H*W)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{dtype} {direction}")
         ax.grid(True, which="both", alpha=0.3)
@@ -83,9 +103,10 @@ def write_plots(records: list[dict], env: dict, directory: str) -> list[Path]:
     groups = _groups(records)
     if not groups:
         return []
-    paths = [out / "time_vs_n.png", out / "memory_vs_n.png", out / "speedup_per_site.png"]
-    _against_n(records, groups, "median_s", 1e3, "median ms per sample", "Time against N", env, paths[0])
-    _against_n(records, groups, "peak_bytes", 2.0**-20, "peak MiB per sample (beyond inputs)",
-               "Peak memory against N", env, paths[1])
+    paths = [out / "time_vs_flops.png", out / "memory_vs_pairs.png", out / "speedup_per_site.png"]
+    _against_size(records, groups, "median_s", 1e3, _x_flops, "median ms per sample", "Time against work",
+                  env, paths[0])
+    _against_size(records, groups, "peak_bytes", 2.0**-20, _x_pairs, "peak MiB per sample (beyond inputs)",
+                  "Peak memory against N*M", env, paths[1])
     _speedup(records, groups, env, paths[2])
     return paths

@@ -107,21 +107,32 @@ def _fastattn(backend: str) -> Fn:
     return run
 
 
-def _compiled_naive() -> Fn:
-    import torch._dynamo
+_COMPILED = []
+# Distinct (shape, dtype, grad mode) graphs one benchmark run may compile; dynamo's default
+# recompile limit (8) would make later cases run eagerly without saying so.
+_RECOMPILE_LIMIT = 256
 
-    # A fresh compile per case: dynamo's recompile limit would otherwise make later shapes run
-    # eagerly without saying so.
-    torch._dynamo.reset()
-    compiled = torch.compile(reference_attention, dynamic=False)
+
+def _compiled_naive() -> Fn:
+    """torch.compile of the naive path with default options (automatic dynamic shapes after the
+    first recompile), as a user would write it; one compiled function per process."""
+    if not _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
+        _COMPILED.append(torch.compile(reference_attention))
+    compiled = _COMPILED[0]
 
     def run(q, k, v, scale):
         try:
             return compiled(q, k, v, scale)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            raise
         except Exception as error:  # inductor needs a C++/Triton toolchain
-            if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
-                raise
-            raise NotSupported(f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise NotSupported(f"torch.compile failed: {type(error).__name__}: {first}") from error
     return run
 
 
