@@ -31,12 +31,10 @@ def torch_backend(q, k, v, **kw):
 
 
 # --- parity at the sites of real GANs ------------------------------------------------------
-def _site_params():
-    for s in gan_shapes():
-        yield pytest.param(s, id=s.id)
+SITES = [pytest.param(s, id=s.id) for s in gan_shapes()]
 
 
-@pytest.mark.parametrize("site", _site_params())
+@pytest.mark.parametrize("site", SITES)
 def test_forward_matches_reference_at_gan_site_fp32(site):
     q, k, v = make(1, site.d_qk, site.N, site.M, site.d_v, torch.float32)
     if site.N * site.M > 2**28:  # 256x256 stress site: every 16th query (a strided view), all keys
@@ -47,7 +45,7 @@ def test_forward_matches_reference_at_gan_site_fp32(site):
     assert_close(lse, want_lse, torch.float32, name=f"{site.id} lse")
 
 
-@pytest.mark.parametrize("site", [s for s in _site_params() if s.values[0].N * s.values[0].M <= 2**22])
+@pytest.mark.parametrize("site", [s for s in SITES if s.values[0].N * s.values[0].M <= 2**22])
 def test_gradients_match_reference_at_gan_site_fp32(site):
     q, k, v = make(1, site.d_qk, site.N, site.M, site.d_v, torch.float32, grad=True)
     grad_out = torch.randn(1, site.d_v, site.N)
