@@ -1,16 +1,19 @@
 """Shared test configuration.
 
 TRITON_INTERPRET=1 must be set before triton is first imported for the Triton kernels to run on
-CPU tensors; setting it here (the first code pytest runs) makes the interpreter tests work in a
-plain `pytest` run. It has no effect on CUDA runs of the GPU tests, which check for a device.
+CPU tensors. On a machine without CUDA (CI) it is set here, the first code pytest runs, so a plain
+`pytest` runs the real kernel code in the interpreter. With a CUDA device (or FASTATTN_GPU_TESTS=1)
+it is left unset: the same `pytest` then runs the GPU tests on compiled kernels, and the
+interpreter tests skip. (`import torch` does not import triton, so asking torch first is safe.)
 """
 import os
 
-if not os.environ.get("FASTATTN_GPU_TESTS"):
+import torch
+
+if not os.environ.get("FASTATTN_GPU_TESTS") and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 from fastattn.testing import assert_close  # noqa: F401  (re-exported for tests)
 

@@ -1,9 +1,8 @@
 """The Triton kernels on a CUDA device, at the real attention-GAN sizes (small batch).
 
-Run on a GPU machine with the interpreter off:
-    FASTATTN_GPU_TESTS=1 python -m pytest -q -m gpu tests/test_triton_gpu.py
-(tests/conftest.py sets TRITON_INTERPRET=1 unless FASTATTN_GPU_TESTS is set; these tests skip
-without CUDA, and the whole file skips when the kernels were built by the interpreter.)
+On a GPU machine the plain test command runs them (tests/conftest.py leaves TRITON_INTERPRET
+unset when CUDA is available); just this file: python -m pytest -q -m gpu tests/test_triton_gpu.py.
+They skip without CUDA, and the whole file skips when the kernels were built by the interpreter.
 
 Most tests pin the fixed configuration (FASTATTN_TRITON_CONFIG=fixed) so that the file compiles
 a handful of kernels instead of autotuning every site; test_autotuned_* covers the autotuner.
@@ -24,8 +23,8 @@ triton = pytest.importorskip("triton")
 from fastattn.kernels.autotune import CONFIG_ENV_VAR, interpreting, tuned_configs  # noqa: E402
 
 if interpreting():
-    pytest.skip("the kernels were built by Triton's interpreter: set FASTATTN_GPU_TESTS=1 so that "
-                "tests/conftest.py leaves TRITON_INTERPRET unset", allow_module_level=True)
+    pytest.skip("the kernels were built by Triton's interpreter: unset TRITON_INTERPRET "
+                "(tests/conftest.py sets it only without CUDA, or FASTATTN_GPU_TESTS=1)", allow_module_level=True)
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
