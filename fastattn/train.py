@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import number_type
 from .data import folder_dataset, shapes_dataset
 from .models import Discriminator, GANTrainer, Generator
 from .models.metrics import fd8, frechet_distance, pooled_features
@@ -47,34 +48,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT, LOG = "checkpoint.pt", "log.jsonl"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+_positive_int = number_type(int, strict=True)
+_non_negative_int = number_type(int, what="an integer >= 0")
+_positive_float = number_type(float, strict=True, what="a positive finite number")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a developer's FASTATTN_BACKEND must not leak in."""
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one thread is as fast as two on an idle machine and keeps the
+    tests from slowing down tenfold (OpenMP oversubscription) on a busy one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

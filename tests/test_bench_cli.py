@@ -126,7 +126,7 @@ def test_compare_counts_a_case_that_stopped_running_and_ignores_noise_sized_chan
     (["--custom", "N=8,M=4"], "missing d_qk, d_v"),
     (["--fail-on-regression"], "--fail-on-regression needs --compare"),
     (["--compare", "/nonexistent/old.json"], "--compare: cannot read /nonexistent/old.json"),
-    (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument_and_what_was_expected(argv, needle, capsys):

@@ -16,14 +16,7 @@ from fastattn.models import (
 from fastattn.models.metrics import fd8, frechet_distance, pooled_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast as two on an idle machine and keeps the tests
-    from slowing down tenfold (OpenMP oversubscription) on a busy one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(resolution=16, **kw):

@@ -16,14 +16,7 @@ STEPS = 6
 GAMMA = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast as two on an idle machine and keeps the tests
-    from slowing down tenfold (OpenMP oversubscription) on a busy one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(attention, dtype, weights=None):

@@ -14,14 +14,7 @@ TINY = ["--resolution", "16", "--ch", "4", "--z-dim", "8", "--batch-size", "4", 
         "--g-attn-res", "16", "--d-attn-res", "8", "--fd-samples", "16", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast as two on an idle machine and keeps the tests
-    from slowing down tenfold (OpenMP oversubscription) on a busy one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _log(out: Path) -> list[dict]:
@@ -118,7 +111,7 @@ def _run_error(capsys, argv) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
         (["--attention", "flash"], "--attention: invalid choice: 'flash'"),
         (["--resolution", "30"], "resolution must be a power of two >= 8"),
         (["--g-attn-res", "12"], "--g-attn-res/--resolution/--ch: attn_resolution must be None"),
@@ -128,7 +121,7 @@ def _run_error(capsys, argv) -> str:
         (["--backend", "torch", "--attention", "naive"], "--backend 'torch' applies to --attention fastattn only"),
         (["--data", "/does/not/exist"], "--data must be a folder of images, got '/does/not/exist', which does not exist"),
         (["--resume"], "--resume: no checkpoint.pt in --out"),
-        (["--threads", "0"], "argument --threads: expected a positive integer, got 0"),
+        (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
         (["--lr-g", "-1"], "argument --lr-g: expected a positive finite number, got '-1'"),
     ],
 )

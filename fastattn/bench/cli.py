@@ -6,6 +6,7 @@ import gc
 import os
 import sys
 
+from ..cli import number_type
 from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PRESETS
 
 __all__ = ["main", "parse_args", "run"]
@@ -19,28 +20,8 @@ def _split(values: list[str] | None) -> list[str] | None:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
-        return value
-    return parse
-
-
-def _nonnegative_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds, got {text!r}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0 seconds, got {text}")
-        return value
-    return parse
+POSITIVE_INT = number_type(int, strict=True)
+SECONDS = number_type(float, what="a number of seconds >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", action="append", metavar="NAME[,NAME]",
                    help=f"{', '.join(ALL_PROVIDERS)} (default on CPU: naive, sdpa, fastattn-torch; "
                         "on CUDA: all)")
-    p.add_argument("--batch", type=_positive_int("--batch"), help="use this batch size for every site")
+    p.add_argument("--batch", type=POSITIVE_INT, help="use this batch size for every site")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=_positive_int("--repeats"), default=None,
+    p.add_argument("--repeats", type=POSITIVE_INT, default=None,
                    help="most timed repeats per case (default 10 on CPU, 100 on CUDA)")
-    p.add_argument("--min-repeats", type=_positive_int("--min-repeats"), default=3)
-    p.add_argument("--min-time", type=_nonnegative_float("--min-time"), default=None,
+    p.add_argument("--min-repeats", type=POSITIVE_INT, default=3)
+    p.add_argument("--min-time", type=SECONDS, default=None,
                    help="keep repeating until this many seconds are spent (default 0.5 CPU, 0.2 CUDA)")
-    p.add_argument("--threads", type=_positive_int("--threads"),
+    p.add_argument("--threads", type=POSITIVE_INT,
                    help="torch CPU threads (default: torch's default). On a CPU shared with other work, "
                         "1 avoids threads waiting for each other at every op")
     p.add_argument("--seed", type=int, default=0)
