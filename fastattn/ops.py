@@ -14,6 +14,8 @@ wrap_triton, which accepts compiled kernels only.
 fp16/bf16); `fp32_dot_precision()` derives it from PyTorch's matmul precision setting.
 This module imports triton; fastattn imports it only when the Triton backend runs.
 """
+import contextlib
+
 import torch
 from torch import Tensor
 from typing import Optional
@@ -147,4 +149,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, precision: Optional
         precision = fp32_dot_precision() if q.dtype == torch.float32 else "ieee"
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {list(_PRECISIONS)} or None, got {precision!r}")
-    return attention_forward_op(q, k, v, float(scale), precision)
+    with _on_device_of(q):
+        return attention_forward_op(q, k, v, float(scale), precision)
+
+
+def _on_device_of(t: Tensor):
+    """Triton launches on the *current* CUDA device: make it the inputs' device (a model on
+    cuda:1 without torch.cuda.set_device(1) would otherwise launch on cuda:0 with cuda:1
+    pointers). Compiled graphs get Inductor's own device guards; the autograd engine runs each
+    device's backward with that device current."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)

@@ -117,6 +117,9 @@ def attention_backward_dkdv_kernel(
         lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E_CONST
         s_t = tl.dot(k, q, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])  # (BLOCK_M, BLOCK_N)
+        # Padded keys (k loaded as 0, so s = 0) must get p = 0: with lse below about -88.7,
+        # exp2(0 - lse2) overflows to inf, and inf * (k = 0) in the atomic dQ would be NaN.
+        p_t = tl.where(mask_m[:, None], p_t, 0.0)
         if WITH_DV:
             do = tl.load(do_base + offs_dv[:, None] * stride_dod + offs_n[None, :] * stride_don,
                          mask=mask_dv[:, None] & mask_n[None, :], other=0.0)

@@ -123,7 +123,8 @@ def launch_forward(kernel_call, q, k, v, out, lse, scale, precision, config, d_p
     indexable by a grid (the kernel itself, or torch.library.wrap_triton(kernel))."""
     batch, d_qk, n_queries = q.shape
     d_v, n_keys = v.shape[1], v.shape[2]
-    grid = (triton.cdiv(n_queries, config.block_n), triton.cdiv(d_v, config.block_dv), batch)
+    # at least one value split, so that the lse is written even when d_v == 0
+    grid = (triton.cdiv(n_queries, config.block_n), max(1, triton.cdiv(d_v, config.block_dv)), batch)
     kernel_call(attention_forward_kernel)[grid](
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),

@@ -189,3 +189,12 @@ def test_fixed_configurations_survive_pruning_at_gan_sites(site):
         bwd = cfg.backward_candidates([fixed_bwd], s.N, s.M, s.d_qk, s.d_v, elem_bytes)
         assert fwd[0].block_n == min(fixed_fwd.block_n, s.N), fwd  # not the fallback
         assert bwd[0].block_m == fixed_bwd.block_m, bwd
+
+
+def test_inputs_beyond_int32_in_sample_offsets_are_refused_with_the_reason():
+    # meta tensors: shapes only, no memory
+    q = torch.empty(1, 8, 2**31, device="meta", dtype=torch.float16)
+    k = torch.empty(1, 8, 16, device="meta", dtype=torch.float16)
+    v = torch.empty(1, 4, 16, device="meta", dtype=torch.float16)
+    reasons = " ".join(get_backend("triton").unsupported(q, k, v))
+    assert "int32 in-sample offsets" in reasons and "2**31" in reasons

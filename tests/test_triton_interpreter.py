@@ -146,9 +146,14 @@ def test_atomic_dq_backward_matches_two_pass_backward():
     from fastattn.ops import attention
 
     gen = torch.Generator().manual_seed(5)
-    for d_v in (40, 96):  # fused dK/dV, and d_v split across two launches
+    cases = [(d_v, False) for d_v in (40, 96)]  # fused dK/dV, and d_v split across two launches
+    cases.append((40, True))  # every logit below -89 and M=20 ragged: padded keys must get p = 0
+    for d_v, very_negative in cases:
         q, k, v = _contiguous(2, 10, 33, 20, d_v, torch.float32, gen)
+        if very_negative:  # q opposes a direction all keys share: lse around -400
+            q, k = -q.abs() * 6 - 3, k.abs() * 6 + 3
         out, lse = attention(q, k, v, SCALE)
+        assert not very_negative or lse.max() < -89
         grad_out, grad_lse = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
         results = []
         for atomic in (False, True):
@@ -156,10 +161,11 @@ def test_atomic_dq_backward_matches_two_pass_backward():
             results.append(launch_backward(lambda f: f, grad_out, grad_lse, q, k, v, out, lse, SCALE, "ieee",
                                            config, pad_width(10), pad_width(d_v)))
         for name, two_pass, one_pass in zip(("dq", "dk", "dv"), *results):
+            assert two_pass.isfinite().all() and one_pass.isfinite().all(), f"{name} (d_v={d_v}) not finite"
             assert_close(one_pass, two_pass, torch.float32, f"{name} (d_v={d_v})", atol=1e-5, rtol=1e-5)
 
 
-def test_fixed_configuration_is_bitwise_deterministic():
+def test_repeated_runs_are_bitwise_identical_under_the_interpreter():
     gen = torch.Generator().manual_seed(11)
     q, k, v = _contiguous(1, 8, 40, 24, 40, torch.float16, gen)
     grad_out = torch.randn(1, 40, 40, generator=gen)
@@ -203,4 +209,19 @@ def test_stride_zero_upstream_gradient_of_sum_matches_fp64():
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     reference_attention(*leaves).sum().backward()
     for name, got, want in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), leaves):
+        assert_close(got, want.grad, torch.float32, name)
+
+
+def test_zero_value_channels_still_give_the_exact_lse_and_gradients():
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (t.requires_grad_() for t in _contiguous(2, 8, 20, 9, 0, torch.float32, gen))
+    out, lse = spatial_attention(q, k, v, backend="triton", return_lse=True)
+    assert out.shape == (2, 0, 20)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = reference_attention(*leaves, return_lse=True)
+    assert_close(lse, want_lse, torch.float32, "lse")
+    grad_lse = torch.randn(lse.shape, generator=gen)
+    lse.backward(grad_lse)
+    want_lse.backward(grad_lse.double())
+    for name, got, want in zip(("dq", "dk"), (q.grad, k.grad), leaves):
         assert_close(got, want.grad, torch.float32, name)

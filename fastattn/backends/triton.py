@@ -11,7 +11,7 @@ import torch
 
 from ..dispatch import Backend
 
-__all__ = ["TritonBackend", "MAX_D_QK", "MAX_D_V", "MAX_BATCH"]
+__all__ = ["TritonBackend", "MAX_D_QK", "MAX_D_V", "MAX_BATCH", "MAX_ELEMENTS_PER_SAMPLE"]
 
 # Widest q/k channel count: d_qk is padded to a power of two and held in registers, and 256 is
 # the widest tile that still leaves room for the accumulators (C = 2048 channels at C // 8).
@@ -21,6 +21,8 @@ MAX_D_QK = 256
 MAX_D_V = 8192
 # The batch is grid axis 2, which CUDA limits to 65535 programs.
 MAX_BATCH = 65535
+# Offsets within one batch element are int32 in the kernels (the batch offset is int64).
+MAX_ELEMENTS_PER_SAMPLE = 2**31
 _CPU_NEEDS_INTERPRETER = (
     "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first imported "
     "(or move the tensors to a CUDA device)"
@@ -57,6 +59,11 @@ class TritonBackend(Backend):
             reasons.append(f"d_v={d_v} value channels is more than the kernels' maximum of {MAX_D_V}")
         if batch > MAX_BATCH:
             reasons.append(f"batch size {batch} is more than the launch grid's maximum of {MAX_BATCH}")
+        n_queries, n_keys = q.shape[2], k.shape[2]
+        per_sample = max(d_qk, d_v, 1) * max(n_queries, n_keys)
+        if per_sample >= MAX_ELEMENTS_PER_SAMPLE:
+            reasons.append(f"one batch element of q, k, v or out has {per_sample} elements, at least the "
+                           f"{MAX_ELEMENTS_PER_SAMPLE} (2**31) that the kernels' int32 in-sample offsets can address")
         device = q.device
         if device.type == "cpu":
             if not _interpreting():
