@@ -117,6 +117,24 @@ def test_compare_counts_a_case_that_stopped_running_and_ignores_noise_sized_chan
     assert "same (within noise)" in table
 
 
+def test_compare_matches_a_case_run_at_another_batch_by_time_per_sample():
+    base = {"shape": "s", "N": 4, "M": 4, "d_qk": 2, "d_v": 2, "dtype": "float32", "direction": "fwd",
+            "provider": "a", "status": "ok", "reason": None, "match": "OK"}
+    old = {"records": [{**base, "B": 4, "median_s": 1.0, "q25_s": 0.95, "q75_s": 1.05}]}
+    same_per_sample = [{**base, "B": 2, "median_s": 0.5, "q25_s": 0.48, "q75_s": 0.52}]
+    ten_times_slower = [{**base, "B": 2, "median_s": 5.0, "q25_s": 4.9, "q75_s": 5.1}]
+    assert compare(old, same_per_sample)[1] == []
+    table, regressions = compare(old, ten_times_slower)
+    assert len(regressions) == 1 and "s B=2" in regressions[0]
+
+
+def test_compare_fails_when_nothing_was_timed_in_both_runs():
+    base = {"N": 4, "M": 4, "d_qk": 2, "d_v": 2, "dtype": "float32", "direction": "fwd", "provider": "a",
+            "B": 1, "status": "ok", "reason": None, "match": "OK", "median_s": 1.0, "q25_s": 0.9, "q75_s": 1.1}
+    _, regressions = compare({"records": [{**base, "shape": "old_site"}]}, [{**base, "shape": "new_site"}])
+    assert len(regressions) == 1 and "nothing was compared" in regressions[0]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--shape", "nope"], "--shape must name sites from gan_shapes.json"),
     (["--dtype", "fp8"], "--dtype must be one of float32"),

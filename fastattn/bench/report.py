@@ -246,9 +246,10 @@ def compare(old: dict, records: list[dict], ratio: float = BENCH_REGRESSION_RATI
     lines = ["| site | B | dtype | dir | provider | old ms | new ms | change | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     regressions: list[str] = []
+    compared = 0
     for r in records:
         name = f"{r['shape']} B={r['B']} {r['dtype']} {r['direction']} {r['provider']}"
-        o = previous.pop(record_key(r), None)
+        o = previous.pop(record_key(r), None) or _same_case_other_batch(previous, r)
         old_ms = new_ms = change = ""
         if o is None:
             verdict = "new case"
@@ -260,6 +261,7 @@ def compare(old: dict, records: list[dict], ratio: float = BENCH_REGRESSION_RATI
         elif o.get("status") != "ok":
             verdict, new_ms = "now runs", _ms(r["median_s"])
         else:
+            compared += 1
             old_ms, new_ms = _ms(o["median_s"]), _ms(r["median_s"])
             change = f"{100 * (r['median_s'] / o['median_s'] - 1):+.0f}%"
             verdict = "same (within noise)"
@@ -276,4 +278,23 @@ def compare(old: dict, records: list[dict], ratio: float = BENCH_REGRESSION_RATI
     for o in previous.values():
         lines.append(f"| {o.get('shape')} | {o.get('B')} | {o.get('dtype')} | {o.get('direction')} | "
                      f"{o.get('provider')} | | | | not run this time |")
+    if records and compared == 0:
+        regressions.append("no case was timed in both runs (other sites, dtypes, directions or providers): "
+                           "nothing was compared, so no regression could be ruled out")
     return "\n".join(lines), regressions
+
+
+def _same_case_other_batch(previous: dict, r: dict) -> dict | None:
+    """The old record of this case at another batch size (presets scale B to the free memory),
+    with its times scaled to r's batch: time per sample is what is compared then."""
+    for key, o in previous.items():
+        if (o.get("shape"), o.get("dtype"), o.get("direction"), o.get("provider")) == (
+                r["shape"], r["dtype"], r["direction"], r["provider"]) and o.get("B"):
+            del previous[key]
+            factor = r["B"] / o["B"]
+            scaled = {**o, "B": r["B"]}
+            for field in ("median_s", "q25_s", "q75_s"):
+                if isinstance(o.get(field), (int, float)):
+                    scaled[field] = o[field] * factor
+            return scaled
+    return None
