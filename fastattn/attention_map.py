@@ -90,11 +90,20 @@ def attention_rows(q: Tensor, k: Tensor, query_index, *, scale: float = 1.0,
     return rows[:, 0] if single else rows
 
 
+def _is_array_index(index) -> bool:
+    """A list / tuple / tensor index with at least one dimension (torch's advanced indexing)."""
+    return isinstance(index, (list, tuple)) or (isinstance(index, Tensor) and index.dim() > 0) or (
+        type(index).__module__ == "numpy" and getattr(index, "ndim", 0) > 0)
+
+
 class AttentionMap:
     """The (B, N, M) attention matrix of one layer call, computed only where it is looked at.
 
     `map[b, i]` is the exact row (length M) of query pixel i in image b; `map[b]`, `map[b, i0:i1]`,
-    `map[b, [i, ...]]` give several rows; a third index selects keys. Batch and query indices
+    `map[b, [i, ...]]` give several rows; a third index selects keys; `...` stands for the
+    dimensions not indexed (`map[..., j]` is key column j of every row); None (a new axis) is
+    refused: use map.materialize()[...], as for a list/tensor key index next to a list/tensor
+    batch or query index (torch pairs those elementwise). Batch and query indices
     combine as an outer product (map[[0, 1], [5, 7]] is (2, 2, M)). `materialize()` builds the
     full tensor; torch functions and tensor methods applied to the map materialize it first.
     It holds q, k and the lse (tensors the layer saved for backward anyway), nothing N x M.
@@ -136,8 +145,25 @@ class AttentionMap:
     def __getitem__(self, key):
         if not isinstance(key, tuple):
             key = (key,)
+        if any(part is None for part in key):
+            raise TypeError(f"AttentionMap indexing does not support None (a new axis), got index {key!r}: "
+                            "index the full tensor instead, map.materialize()[...]")
+        ellipses = [i for i, part in enumerate(key) if part is Ellipsis]
+        if len(ellipses) > 1:
+            raise IndexError(f"an index can only have a single ellipsis ('...'), got {key!r}")
+        if ellipses:  # '...' stands for as many full slices as the 3 dimensions leave over
+            at = ellipses[0]
+            fill = 3 - (len(key) - 1)
+            if fill < 0:
+                raise IndexError(f"AttentionMap has 3 dimensions (B, N, M), got {len(key) - 1} indices "
+                                 f"besides the ellipsis in {key!r}")
+            key = key[:at] + (slice(None),) * fill + key[at + 1:]
         if len(key) > 3:
             raise IndexError(f"AttentionMap has 3 dimensions (B, N, M), got {len(key)} indices")
+        if len(key) == 3 and _is_array_index(key[2]) and (_is_array_index(key[0]) or _is_array_index(key[1])):
+            raise TypeError(f"AttentionMap cannot combine a list/tensor key index with a list/tensor batch or "
+                            f"query index (torch would pair them elementwise), got index {key!r}: index the "
+                            "full tensor instead, map.materialize()[...]")
         batch = key[0]
         if isinstance(batch, Tensor) and batch.dim() == 0:
             batch = int(batch)

@@ -120,8 +120,10 @@ def _load_image(path: Path, resolution: int) -> Tensor:
 
 def folder_dataset(folder: str | Path, resolution: int) -> ImageDataset:
     """Every image under `folder` (recursively), resized (shorter side) and centre-cropped to
-    resolution x resolution. Images in two or more subfolders are labelled by subfolder (as
-    torchvision's ImageFolder does) and train a class-conditional model; otherwise unconditional."""
+    resolution x resolution. When every image lies in a subfolder and there are two or more
+    subfolders, each image is labelled by the subfolder of `folder` it lies under, at any depth
+    (as torchvision's ImageFolder does: folder/cats/indoor/a.png is a "cats" image), and they
+    train a class-conditional model; otherwise the model is unconditional."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"--data must be a folder of images, got {str(folder)!r}, which "
@@ -130,10 +132,11 @@ def folder_dataset(folder: str | Path, resolution: int) -> ImageDataset:
     if not paths:
         raise ValueError(f"--data folder {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
                          f"files, recursively)")
-    groups = sorted({p.parent.relative_to(root).as_posix() for p in paths})
-    conditional = len(groups) >= 2 and all(g != "." for g in groups)
+    # the class of an image: the first folder below the root on its path ("" for the root itself)
+    classes = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths]
+    groups = sorted(set(classes))
+    conditional = len(groups) >= 2 and "" not in groups
     class_names = tuple(groups) if conditional else ()
-    labels = torch.tensor([class_names.index(p.parent.relative_to(root).as_posix()) if conditional else 0
-                           for p in paths], dtype=torch.int64)
+    labels = torch.tensor([class_names.index(c) if conditional else 0 for c in classes], dtype=torch.int64)
     images = torch.stack([_load_image(p, resolution) for p in paths])
     return ImageDataset(images, labels, class_names, f"{len(paths)} images from {root}")

@@ -69,6 +69,11 @@ class AttentionFamily:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
+        shape = self.scalar_shape
+        if shape is not None and not (isinstance(shape, tuple) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n == 1 for n in shape)):
+            raise ValueError("scalar_shape must be None or the shape of a one-element residual scalar, "
+                             f"a tuple of 1s such as () or (1,), got {shape!r}")
         if self.pool not in _POOLS:
             raise ValueError(f"pool must be one of {_POOLS}, got {self.pool!r}")
         if self.conv_dim not in (1, 2):

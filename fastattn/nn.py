@@ -14,6 +14,9 @@ state_dict moves between them unchanged.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,9 +52,12 @@ def max_pool_keys(t: Tensor) -> Tensor:
     return F.max_pool2d(t, kernel_size=2, stride=2)
 
 
-def _check_channels(name: str, value, default: int) -> int:
-    if value is None:
+def _check_channels(name: str, value, default: int | None) -> int:
+    """value, or `default` when value is None and there is one (None: the argument is required)."""
+    if value is None and default is not None:
         value = default
+    if value is None:
+        raise TypeError(f"{name} must be a positive int, got None")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
     if value < 1:
@@ -79,7 +85,11 @@ class SelfAttention2d(nn.Module):
                  bias: bool = False, spectral_norm: bool = False, attention: str = "fastattn",
                  backend: str | None = None, sn_eps: float = 1e-12):
         super().__init__()
-        in_channels = _check_channels("in_channels", in_channels, 0)
+        in_channels = _check_channels("in_channels", in_channels, None)
+        if isinstance(sn_eps, bool) or not isinstance(sn_eps, numbers.Real):
+            raise TypeError(f"sn_eps must be a positive float, got {type(sn_eps).__name__} {sn_eps!r}")
+        if not 0 < sn_eps < math.inf:
+            raise ValueError(f"sn_eps (the spectral norm's eps) must be a finite number > 0, got {sn_eps!r}")
         for name, flag in (("pool", pool), ("out_conv", out_conv), ("bias", bias),
                            ("spectral_norm", spectral_norm)):
             if not isinstance(flag, bool):

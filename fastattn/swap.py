@@ -52,9 +52,13 @@ def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, C, H, W) tensor for the {family.name} attention layer, got {got}")
     inp = x.reshape(x.shape[0], x.shape[1], -1) if family.conv_dim == 1 else x
-    if family.pooled and min(x.shape[2:]) < 2:
-        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2, which leaves no key "
-                         f"for an input of shape {tuple(x.shape)}: H and W must be >= 2")
+    if family.pool_module:  # ceil-mode 2x2 pooling keeps >= 1 key on a size-1 side, floor none
+        floor_pooled = not getattr(getattr(module, family.pool_module), "ceil_mode", False)
+    else:
+        floor_pooled = family.pool == "floor"
+    if floor_pooled and min(x.shape[2:]) < 2:
+        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2 (rounding down), which "
+                         f"leaves no key for an input of shape {tuple(x.shape)}: H and W must be >= 2")
     q = getattr(module, family.query)(inp)
     k = getattr(module, family.key)(inp)
     v = getattr(module, family.value)(inp)
@@ -86,10 +90,17 @@ def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend
 
 
 class _SwappedForward:
-    """The `forward` fastattn puts on a swapped module instance (deep-copyable, picklable)."""
+    """The `forward` fastattn puts on a swapped module instance (deep-copyable, picklable).
 
-    def __init__(self, module: nn.Module):
+    A layer whose original returns (out, attention) gets (out, AttentionMap) back: the lazy map
+    that never builds the (B, N, M) tensor. In a replica made by nn.DataParallel (`replica=True`)
+    it returns (out, attention_map.materialize()) instead, the plain (B, N, M) tensor the
+    original layer returned: DataParallel's gather only knows how to concatenate tensors (it
+    rebuilds any other object with type(obj)(...), which an AttentionMap cannot be)."""
+
+    def __init__(self, module: nn.Module, replica: bool = False):
         self.module = module
+        self.replica = replica
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -107,25 +118,29 @@ class _SwappedForward:
         y, amap = run_family(module, family, x, backend=state.backend, want_map=want_map)
         if state.recorder is not None:
             state.recorder.append(amap)
-        return (y, amap) if family.returns_attention else y
+        if not family.returns_attention:
+            return y
+        return (y, amap.materialize()) if getattr(self, "replica", False) else (y, amap)
 
 
 class _SwappedReplicate:
     """nn.DataParallel copies a module's __dict__ into each replica, which would leave the
-    replica's `forward` pointing at the original; this instance-level hook re-points it."""
+    replica's `forward` pointing at the original; this instance-level hook re-points it, and
+    marks it as a replica's forward, which returns attention as a plain tensor (see
+    _SwappedForward) so that DataParallel can gather it."""
 
     def __init__(self, module: nn.Module):
         self.module = module
 
     def __call__(self):
         replica = type(self.module)._replicate_for_data_parallel(self.module)
-        _install_forward(replica, replica.__dict__[_STATE])
+        _install_forward(replica, replica.__dict__[_STATE], replica=True)
         return replica
 
 
-def _install_forward(module: nn.Module, state: _SwapState) -> None:
+def _install_forward(module: nn.Module, state: _SwapState, replica: bool = False) -> None:
     module.__dict__[_STATE] = state
-    module.__dict__["forward"] = _SwappedForward(module)
+    module.__dict__["forward"] = _SwappedForward(module, replica=replica)
     module.__dict__["_replicate_for_data_parallel"] = _SwappedReplicate(module)
 
 
@@ -225,13 +240,27 @@ class SwapHandle:
                 state.recorder = None
 
 
+def _deepcopy_detached(module: nn.Module) -> nn.Module:
+    """copy.deepcopy(module), with every non-leaf tensor held as a module attribute copied
+    detached. torch's hook-style spectral norm (torch.nn.utils.spectral_norm) leaves its
+    computed `weight` on the conv as a plain attribute; after a forward with grad enabled that
+    is a non-leaf tensor, which deepcopy refuses. The hook recomputes it from `weight_orig` on
+    the next forward, so a detached copy of its value is a faithful copy."""
+    memo: dict = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 def _probe(module: nn.Module, family: AttentionFamily) -> str | None:
     """None when the original forward and fastattn's agree on small random inputs, else why not."""
     scalar = getattr(module, family.scalar)
     if scalar.device.type == "meta":
         return None
     try:
-        twin = copy.deepcopy(module)
+        twin = _deepcopy_detached(module)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot check
         return f"could not be copied to verify it ({type(error).__name__}: {error}); pass verify=False to swap unchecked"
     twin.eval()
@@ -281,12 +310,22 @@ def _check_backend(backend) -> None:
                                       f"{'; '.join(reasons)}. Pass backend=None for automatic choice.")
 
 
-def swap_attention(model: nn.Module, *, backend: str | None = None, strict: bool = False,
+class _Unset:
+    def __repr__(self) -> str:
+        return "None"
+
+
+_UNSET = _Unset()  # backend= not passed
+
+
+def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bool = False,
                    verify: bool = True) -> SwapHandle:
     """Make every recognised attention layer in `model` run through fastattn, in place.
 
-    backend: the fastattn backend for the swapped layers (None = automatic per call); a named
-        backend that cannot run here raises now.
+    backend: the fastattn backend for the swapped layers (None, the default = automatic per
+        call); a named backend that cannot run here raises now. fastattn's own SelfAttention2d
+        layers already in attention="fastattn" mode count as already swapped and keep their
+        backend, unless backend= is passed explicitly and differs from theirs.
     strict: raise LookupError when no attention layer was swapped (listing near misses).
     verify: run the probe (see module docstring) before swapping each layer.
     Layers that only partly match a family are left alone and listed in `handle.skipped` with
@@ -297,12 +336,14 @@ def swap_attention(model: nn.Module, *, backend: str | None = None, strict: bool
     for name, flag in (("strict", strict), ("verify", verify)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    backend_given = backend is not _UNSET
+    backend = backend if backend_given else None
     _check_backend(backend)
     handle = SwapHandle()
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, SelfAttention2d):
-            if module.attention == "fastattn" and module.backend == backend:
+            if module.attention == "fastattn" and (not backend_given or module.backend == backend):
                 handle.already_swapped.append(SwappedLayer(name, "fastattn", kind))
             else:
                 record = SwappedLayer(name, "fastattn", kind)

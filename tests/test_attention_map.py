@@ -1,4 +1,6 @@
 """attention_rows, AttentionMap and the PNG renderer."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,77 @@ def test_attention_map_indexing_matches_the_materialized_tensor():
     assert_close(amap.row(0, 11), full[0, 11])
     with pytest.raises(IndexError, match="out of range for B=2"):
         amap[2, 0]
+
+
+ELLIPSIS_INDICES = [(Ellipsis, 3), (0, Ellipsis), (Ellipsis,), (Ellipsis, 4, 3), (1, Ellipsis, 2),
+                    (0, 5, Ellipsis), (Ellipsis, slice(1, 4)), (0, 1, 2, Ellipsis), (-1, Ellipsis, [0, 2])]
+
+
+@pytest.mark.parametrize("index", ELLIPSIS_INDICES, ids=[repr(i) for i in ELLIPSIS_INDICES])
+def test_attention_map_ellipsis_indexing_matches_the_materialized_tensor(index):
+    q, k = _qk()
+    amap = AttentionMap(q, k)
+    want = amap.materialize()[index]
+    got = amap[index]
+    assert got.shape == want.shape, f"{index}: {tuple(got.shape)} vs {tuple(want.shape)}"
+    assert_close(got, want, name=f"map[{index}]")
+
+
+def test_attention_map_ellipsis_selects_a_key_column_not_a_query_row():
+    q, k = _qk(n=20, m=12)
+    amap = AttentionMap(q, k)
+    column = amap[..., 3]
+    assert column.shape == (2, 20)
+    assert_close(column, reference_attention_map(q, k)[:, :, 3], name="key column 3")
+
+
+@pytest.mark.parametrize("index", [None, (None,), (0, None), (Ellipsis, None)], ids=repr)
+def test_attention_map_refuses_none_with_a_message_pointing_to_materialize(index):
+    amap = AttentionMap(*_qk())
+    with pytest.raises(TypeError, match=r"does not support None .*map\.materialize\(\)\[\.\.\.\]"):
+        amap[index]
+
+
+def test_attention_map_rejects_two_ellipses_and_too_many_indices_with_one():
+    amap = AttentionMap(*_qk())
+    with pytest.raises(IndexError, match="single ellipsis"):
+        amap[..., 0, ...]
+    with pytest.raises(IndexError, match="3 dimensions .* got 4 indices besides the ellipsis"):
+        amap[0, 1, 2, 3, ...]
+
+
+def _index_combinations():
+    batch_or_query = [1, -1, slice(None), slice(0, 2), [0, 1], torch.tensor([1, 0]), Ellipsis]
+    keys = [3, slice(None), slice(2, 7, 2), [5, 6], torch.tensor([1, 0]), np.array([4, 2]), Ellipsis]
+    for n in (1, 2, 3):
+        pools = [batch_or_query, batch_or_query, keys][:n]
+        for index in itertools.product(*pools):
+            array = [isinstance(i, (list, torch.Tensor)) for i in index]
+            if sum(i is Ellipsis for i in index) > 1 or (n >= 2 and array[0] and array[1]):
+                continue  # two ellipses: IndexError (tested above); list batch and query: outer, documented
+            yield index
+
+
+@pytest.mark.parametrize("index", list(_index_combinations()), ids=repr)
+def test_attention_map_indexing_equals_the_materialized_tensor_or_refuses_clearly(index):
+    amap = AttentionMap(*_qk())
+    want = amap.materialize()[index]
+    try:
+        got = amap[index]
+    except TypeError as error:  # never a silently different result: a clear refusal, and only
+        # where torch pairs a list/tensor key index elementwise with a list/tensor batch or query
+        arrays = [not isinstance(i, (int, slice, type(Ellipsis))) for i in index]
+        assert len(index) == 3 and arrays[2] and (arrays[0] or arrays[1]), f"{index} refused: {error}"
+        assert "map.materialize()[...]" in str(error)
+        return
+    assert got.shape == want.shape, f"{index}: {tuple(got.shape)} vs {tuple(want.shape)}"
+    assert_close(got, want, name=f"map[{index}]")
+
+
+def test_attention_map_refuses_a_list_key_index_next_to_a_list_query_index():
+    amap = AttentionMap(*_qk())
+    with pytest.raises(TypeError, match=r"cannot combine a list/tensor key index .* map\.materialize\(\)"):
+        amap[0, [1, 2], [3, 4]]
 
 
 def test_attention_map_acts_as_a_tensor_in_torch_functions_and_methods():

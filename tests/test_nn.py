@@ -134,6 +134,12 @@ def test_deepcopy_keeps_parameters_and_output():
         (dict(in_channels=16, attention="flash"), "attention must be one of"),
         (dict(in_channels=16, qk_channels=0), "qk_channels must be >= 1"),
         (dict(in_channels=16, attention="naive", backend="torch"), "only applies to attention='fastattn'"),
+        (dict(in_channels=None), "^in_channels must be a positive int, got None$"),
+        (dict(in_channels=0), "^in_channels must be >= 1, got 0$"),
+        (dict(in_channels=16, spectral_norm=True, sn_eps=0), r"sn_eps .* must be a finite number > 0, got 0$"),
+        (dict(in_channels=16, spectral_norm=True, sn_eps=-1e-6), r"sn_eps .* must be a finite number > 0, got -1e-06$"),
+        (dict(in_channels=16, spectral_norm=True, sn_eps=float("nan")), r"sn_eps .* > 0, got nan$"),
+        (dict(in_channels=16, spectral_norm=True, sn_eps="1e-6"), "sn_eps must be a positive float, got str '1e-6'"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
@@ -147,3 +153,8 @@ def test_bad_inputs_name_the_expected_shape():
         layer(torch.randn(2, 8, 4, 4))
     with pytest.raises(ValueError, match="H >= 2 and W >= 2"):
         layer(torch.randn(2, 16, 1, 4))
+
+
+def test_positive_sn_eps_reaches_the_spectral_norm():
+    layer = SelfAttention2d(16, spectral_norm=True, sn_eps=1e-4)
+    assert layer.theta.parametrizations.weight[0].eps == 1e-4

@@ -157,3 +157,46 @@ def test_heykeetae_attention_map_holds_no_n_by_m_tensor_until_indexed():
     assert amap.q.shape == (2, CHANNELS // 8, 36) and amap.lse.shape == (2, 36)
     row = amap[0, 7]
     assert row.shape == (36,) and abs(float(row.detach().sum()) - 1) < 1e-5
+
+
+def _uses_hook_spectral_norm(module):
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    return any(isinstance(hook, SpectralNorm) for m in module.modules() for hook in m._forward_pre_hooks.values())
+
+
+HOOK_SN_FAMILIES = sorted(f for f, build in FAMILY_BUILDERS.items() if _uses_hook_spectral_norm(build(CHANNELS)))
+
+
+def test_hook_spectral_norm_families_are_the_expected_ones():
+    assert HOOK_SN_FAMILIES == ["hf_biggan", "rosinality", "studiogan", "voletiv"]
+
+
+@pytest.mark.parametrize("family", HOOK_SN_FAMILIES)
+def test_hook_sn_layer_is_swapped_after_a_forward_backward_with_grad_and_matches_original(family):
+    # torch.nn.utils.spectral_norm leaves a non-leaf `weight` on each conv after a forward with
+    # grad enabled: the probe's copy must cope with it, not skip the layer
+    original, swapped = (warm_up_spectral_norm(set_residual_scalar(FAMILY_BUILDERS[family](CHANNELS).double()))
+                         for _ in range(2))
+    x = torch.randn(2, CHANNELS, 6, 8, dtype=torch.float64)
+    for module in (original, swapped):
+        module.train()
+        _split(module(x))[0].square().sum().backward()
+    assert any(not t.is_leaf for m in swapped.modules() for t in vars(m).values() if isinstance(t, torch.Tensor))
+    handle = fastattn.swap_attention(swapped, backend="torch", strict=True)
+    assert [(s.name, s.family) for s in handle.swapped] == [("", EXPECTED_FAMILY[family])]
+    assert handle.skipped == [] and is_swapped(swapped)
+    for training in (True, False):
+        original.train(training)
+        swapped.train(training)
+        x = torch.randn(2, CHANNELS, 6, 8, dtype=torch.float64)
+        assert_close(_split(swapped(x))[0], _split(original(x))[0], name=f"{family} output (train={training})")
+
+
+@pytest.mark.parametrize("hw", [(1, 5), (3, 1), (1, 1)])
+def test_taki0112_ceil_pooling_accepts_a_size_one_side_like_the_original(hw):
+    original, swapped, _ = _original_and_swapped("taki0112", torch.float64, False)
+    x = torch.randn(2, CHANNELS, *hw, dtype=torch.float64)
+    with torch.no_grad():
+        want = original(x)
+        assert_close(swapped(x), want, name=f"taki0112 on {hw}")

@@ -1,5 +1,6 @@
 """swap_attention on whole models: several sites, partial matches, adapters, strict, backends."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -323,3 +324,78 @@ def test_softmax_child_is_optional_but_must_be_over_keys_when_present():
     wrong_dim.softmax = nn.Softmax(dim=1)
     with pytest.warns(UserWarning, match=r"expected nn.Softmax\(dim=-1\)"):
         assert swap_attention(wrong_dim).swapped == []
+
+
+class _CpuGather(torch.autograd.Function):
+    """Stand-in for torch.nn.parallel._functions.Gather (CUDA only): concatenate on the CPU."""
+
+    @staticmethod
+    def forward(ctx, target_device, dim, *inputs):
+        return torch.cat(inputs, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+
+def _cpu_replicate(module, n):
+    """torch.nn.parallel.replicate's steps without the CUDA broadcast: per-module
+    _replicate_for_data_parallel, children re-linked, parameters set as non-leaf tensors."""
+    modules = list(module.modules())
+    copies = [{m: m._replicate_for_data_parallel() for m in modules} for _ in range(n)]
+    for copy_of in copies:
+        for m in modules:
+            replica = copy_of[m]
+            for key, child in m._modules.items():
+                setattr(replica, key, copy_of[child])
+            for key, param in m._parameters.items():
+                setattr(replica, key, param * 1)
+            for key, buf in m._buffers.items():
+                setattr(replica, key, buf.clone())
+    return [copy_of[module] for copy_of in copies]
+
+
+def test_data_parallel_gather_of_swapped_heykeetae_replicas_gives_the_original_output_and_attention(monkeypatch):
+    from torch.nn.parallel import scatter_gather
+
+    original = set_residual_scalar(Self_Attn(16, "relu")).double()
+    layer = copy.deepcopy(original)
+    swap_attention(layer, backend="torch", strict=True)
+    replicas = _cpu_replicate(layer, 2)  # one per device
+    assert all(is_swapped(r) and r.forward.module is r for r in replicas)
+    x = torch.randn(4, 16, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = [replica(chunk) for replica, chunk in zip(replicas, x.chunk(2))]
+        want_out, want_attention = original(x)
+    for out, attention in outputs:  # what the original layer returned: plain tensors
+        assert type(attention) is torch.Tensor and attention.shape == (2, 30, 30)
+    monkeypatch.setattr(scatter_gather, "Gather", _CpuGather)
+    got_out, got_attention = scatter_gather.gather(outputs, "cpu")  # DataParallel's gather
+    assert_close(got_out, want_out, name="gathered output")
+    assert_close(got_attention, want_attention, name="gathered attention")
+    with torch.no_grad():  # the swapped module itself still returns the lazy map
+        assert isinstance(layer(x)[1], fastattn.AttentionMap)
+
+
+def test_fastattn_mode_layer_keeps_its_backend_unless_backend_is_passed_explicitly():
+    model = nn.Sequential(fastattn.SelfAttention2d(16, backend="torch"), fastattn.SelfAttention2d(16))
+    handle = swap_attention(model)
+    assert handle.swapped == [] and [s.name for s in handle.already_swapped] == ["0", "1"]
+    assert (model[0].backend, model[1].backend) == ("torch", None)
+    handle = swap_attention(model, backend=None)  # explicit: switch to automatic choice
+    assert [s.name for s in handle.swapped] == ["0"] and [s.name for s in handle.already_swapped] == ["1"]
+    assert model[0].backend is None
+    assert handle.revert() == ["0"] and model[0].backend == "torch"
+    handle = swap_attention(model, backend="torch")
+    assert [s.name for s in handle.swapped] == ["1"] and model[1].backend == "torch"
+
+
+@pytest.mark.parametrize("shape", [5, (2,), (1, 3), [1], ("1",), (True,)], ids=repr)
+def test_attention_family_rejects_a_scalar_shape_that_is_not_one_element(shape):
+    with pytest.raises(ValueError, match=rf"scalar_shape must be None or .* got {re.escape(repr(shape))}$"):
+        AttentionFamily("x", "a", "b", "c", None, "gamma", shape)
+
+
+@pytest.mark.parametrize("shape", [None, (), (1,), (1, 1)], ids=repr)
+def test_attention_family_accepts_one_element_scalar_shapes(shape):
+    assert AttentionFamily("x", "a", "b", "c", None, "gamma", shape).scalar_shape == shape

@@ -93,6 +93,20 @@ def test_data_folder_with_class_subfolders_trains_a_conditional_model(tmp_path):
     assert [r["step"] for r in _log(out)] == [1, 2]
 
 
+def test_data_folder_labels_nested_images_by_the_first_folder_below_the_root(tmp_path):
+    from fastattn.data import folder_dataset
+
+    data = tmp_path / "pictures"
+    _write_pngs(data / "cats" / "indoor", 2, (16, 16), (200, 30, 30))
+    _write_pngs(data / "cats" / "outdoor" / "garden", 2, (16, 16), (210, 20, 40))
+    _write_pngs(data / "dogs", 3, (16, 16), (30, 30, 200))
+    dataset = folder_dataset(data, 8)
+    assert dataset.class_names == ("cats", "dogs") and len(dataset) == 7
+    red = dataset.images[:, 0].float().mean(dim=(1, 2)) > dataset.images[:, 2].float().mean(dim=(1, 2))
+    assert dataset.labels.tolist() == [0 if r else 1 for r in red.tolist()]
+    assert dataset.labels.bincount().tolist() == [4, 3]
+
+
 def test_data_folder_without_subfolders_trains_an_unconditional_model(tmp_path):
     data = tmp_path / "flat"
     _write_pngs(data, 4, (20, 20), (10, 200, 10))
