@@ -41,7 +41,10 @@ def test_cpu_peak_memory_of_naive_forward_is_its_two_n_by_m_matrices():
     # logits and softmax, (1, 1024, 1024) fp32 each: 8 MiB, plus a 64 KiB output.
     site = Site("m", 1, 1024, 1024, 8, 16, 1)
     peak = measure.peak_bytes_cpu(site, "float32", "fwd", "naive", seed=0, scale=1.0, threads=1)
-    assert 8 * 2**20 - 2**17 <= peak <= 8 * 2**20 + 2**19, peak  # the method's noise is ~100 KiB
+    # Quiet machine: within ~100 KiB. Under load it read up to ~300 KiB low (freed pages already
+    # resident before the high-water reset are reused uncounted; RSS counters are batched), so
+    # the band is -1 MiB/+512 KiB: still far from one matrix (4 MiB) or three (12 MiB).
+    assert 7 * 2**20 <= peak <= 8 * 2**20 + 2**19, peak
     chunked = measure.peak_bytes_cpu(site, "float32", "fwd", "fastattn-torch", seed=0, scale=1.0, threads=1)
     assert chunked < peak
 
