@@ -140,6 +140,8 @@ def test_scale_none_means_inverse_sqrt_d_qk_at_runtime():
     assert_close(out2, reference_attention(q.double(), k.double(), v.double(), scale=-2.0), torch.float32)
 
 
+# the lse ~ -400 case overflows exp2 on padded keys before they are masked to p = 0, on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_atomic_dq_backward_matches_two_pass_backward():
     from fastattn.kernels.backward import launch_backward
     from fastattn.kernels.configs import INTERPRETER_BACKWARD, pad_width
