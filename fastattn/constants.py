@@ -72,14 +72,20 @@ BENCH_REGRESSION_RATIO = 2.4
 
 # --- swap_attention probe (fastattn/swap.py) --------------------------------------------------
 # Before swapping a layer, its original forward and fastattn's run on random inputs of these
-# (H, W) sizes (batch 2, the layer's C), on a deep copy in eval mode with the residual scalar set
-# to this value (not 0: the layer would be the identity; not 1: `o + x` would pass for
-# `gamma * o + x`). The first size is even so every family runs it; the odd one checks the
-# pooling rule of the families whose originals accept odd sizes. Chosen, not measured: a few
-# dozen pixels make the probe cost ~1 ms per layer and still tell every known variant apart
-# (tests/test_swap.py: old heykeetae forks, scaled logits, ceil vs floor pooling).
+# (H, W) sizes (batch 2, the layer's C), on deep copies with the residual scalar set to this value
+# (not 0: the layer would be the identity; not 1: `o + x` would pass for `gamma * o + x`): once in
+# eval mode, then in training mode, where the original and fastattn's forward each run on their
+# own copy from RNG seed SWAP_PROBE_SEED (so SN power iterations advance alike on both, and a
+# dropout in the original shows up as a difference; the caller's RNG state is restored after).
+# The first size is even so every family runs it; the odd one checks the pooling rule of the
+# families whose originals accept odd sizes. Chosen, not measured: a few dozen pixels still tell
+# every known variant apart, and the probe costs 6-12 ms per layer of the tests' families at C=64
+# on the 2-core CPU dev machine (about half of it the training-mode pass and its two copies)
+# (tests/test_swap.py: old heykeetae forks, scaled logits, ceil vs floor pooling, a dropout on
+# the attention map in training).
 SWAP_PROBE_SIZES = ((6, 4), (5, 3))
 SWAP_PROBE_SCALAR = 0.75
+SWAP_PROBE_SEED = 0
 
 # --- reference GAN (fastattn.models, tests/test_models_parity.py) ----------------------------
 # Largest difference allowed between the losses (and mean D logits) of a naive-layer run and a

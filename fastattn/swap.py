@@ -9,9 +9,10 @@ exactly as before. `handle.revert()` removes the instance forward and the class'
 is back.
 
 Before swapping, a probe runs the original forward and the swapped one on a small random input
-(on a deep copy in eval mode, residual scalar 0.75, so the user's module and its SN state are
-not touched) and refuses the module if they differ: structure cannot see extra arithmetic
-inside a user's forward, the probe can.
+(on deep copies, residual scalar 0.75, so the user's module and its SN state are not touched),
+in eval mode and in training mode (each training-mode call from the same fixed RNG state), and
+refuses the module if they differ: structure cannot see extra arithmetic inside a user's
+forward, such as a dropout applied only in training; the probe can.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention_map import AttentionMap
-from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SIZES, TOLERANCES
+from .constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SEED, SWAP_PROBE_SIZES, TOLERANCES
 from .dispatch import BackendUnavailableError, get_backend
 from .families import AttentionFamily, forward_signature, match
 from .nn import SelfAttention2d, attention_core
@@ -254,21 +255,84 @@ def _deepcopy_detached(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+@contextlib.contextmanager
+def _fixed_rng(device: torch.device):
+    """Run the block from RNG state SWAP_PROBE_SEED (CPU and `device`'s generator), then give the
+    caller's RNG state back: the training-mode probe runs the original and fastattn's forward
+    from the same state, so a random op in the original (a dropout) shows up as a difference
+    and the caller's random stream is not advanced."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(SWAP_PROBE_SEED)
+            yield
+        return
+    device_mod = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else device_mod.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.default_generator.manual_seed(SWAP_PROBE_SEED)
+        with device_mod.device(index):
+            device_mod.manual_seed(SWAP_PROBE_SEED)
+        yield
+
+
+def _mismatch(family: AttentionFamily, x: Tensor, want, got: Tensor, amap, tol: dict,
+              training: bool) -> str | None:
+    """Why the original's result `want` is not fastattn's (`got`, `amap`) on probe input x, or None."""
+    pairs = [("output", got, want)]
+    if family.returns_attention:
+        if not (isinstance(want, tuple) and len(want) == 2 and isinstance(want[1], Tensor)
+                and tuple(want[1].shape) == tuple(amap.shape)):
+            return f"its forward does not return (out, attention of shape {tuple(amap.shape)})"
+        pairs = [("output", got, want[0]), ("attention", amap.materialize(), want[1])]
+    elif not isinstance(want, Tensor):
+        return f"its forward returns {type(want).__name__}, the {family.name} layer returns a tensor"
+    for what, a, b in pairs:
+        if a.shape != b.shape:
+            detail = f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        elif torch.isclose(a, b, **tol).all():
+            continue
+        else:
+            detail = describe_mismatch(a, b, tol["atol"], tol["rtol"], what)
+        if training:
+            if a.shape == b.shape:
+                detail = f"max difference {(a.double() - b.double()).abs().max().item():.3g}; {detail}"
+            return (f"its training-mode forward differs from the {family.name} layer's on a probe input "
+                    f"of shape {tuple(x.shape)} ({detail}), while its "
+                    f"eval-mode forward matches: it does something in training that fastattn's "
+                    "does not, e.g. dropout; describe the variant with fastattn.register_adapter "
+                    "or leave it unswapped")
+        return (f"its forward computes something other than the {family.name} layer on a probe "
+                f"input of shape {tuple(x.shape)} ({detail}); it may do extra work inside "
+                "forward: describe the variant with fastattn.register_adapter")
+    return None
+
+
 def _probe(module: nn.Module, family: AttentionFamily) -> str | None:
-    """None when the original forward and fastattn's agree on small random inputs, else why not."""
+    """None when the original forward and fastattn's agree on small random inputs, else why not.
+
+    Eval mode on one deep copy; then training mode on two more deep copies, one running the
+    original forward and one fastattn's, each call from the same fixed RNG state: spectral-norm
+    power iterations (which run only in training) advance identically on both, and arithmetic
+    the original does only in training (a dropout) shows up as a difference. The user's module,
+    its SN state and the caller's RNG state are not touched."""
     scalar = getattr(module, family.scalar)
     if scalar.device.type == "meta":
         return None
     try:
         twin = _deepcopy_detached(module)
+        train_original, train_fast = _deepcopy_detached(module), _deepcopy_detached(module)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot check
         return f"could not be copied to verify it ({type(error).__name__}: {error}); pass verify=False to swap unchecked"
     twin.eval()
+    train_original.train()
+    train_fast.train()
     with torch.no_grad():
-        getattr(twin, family.scalar).fill_(SWAP_PROBE_SCALAR)
+        for copy_ in (twin, train_original, train_fast):
+            getattr(copy_, family.scalar).fill_(SWAP_PROBE_SCALAR)
     channels = getattr(twin, family.query).in_channels
     generator = torch.Generator().manual_seed(0)
     tol = TOLERANCES.get(scalar.dtype, TOLERANCES[torch.float32])
+    train_copies_in_step = True  # False once the original raised part-way on the training copies
     for attempt, (height, width) in enumerate(SWAP_PROBE_SIZES):
         x = torch.randn(2, channels, height, width, generator=generator, dtype=torch.float64)
         x = x.to(scalar.device, scalar.dtype)
@@ -281,21 +345,27 @@ def _probe(module: nn.Module, family: AttentionFamily) -> str | None:
                             f"{tuple(x.shape)}: {error}")
                 continue  # odd sizes: many originals reshape with h*w//4 and crash
             got, amap = run_family(twin, family, x, backend="torch", want_map=family.returns_attention)
-        pairs = [("output", got, want)]
-        if family.returns_attention:
-            if not (isinstance(want, tuple) and len(want) == 2 and isinstance(want[1], Tensor)
-                    and tuple(want[1].shape) == tuple(amap.shape)):
-                return f"its forward does not return (out, attention of shape {tuple(amap.shape)})"
-            pairs = [("output", got, want[0]), ("attention", amap.materialize(), want[1])]
-        elif not isinstance(want, Tensor):
-            return f"its forward returns {type(want).__name__}, the {family.name} layer returns a tensor"
-        for what, a, b in pairs:
-            if a.shape != b.shape or not torch.isclose(a, b, **tol).all():
-                detail = (f"shape {tuple(a.shape)} vs {tuple(b.shape)}" if a.shape != b.shape
-                          else describe_mismatch(a, b, tol["atol"], tol["rtol"], what))
-                return (f"its forward computes something other than the {family.name} layer on a probe "
-                        f"input of shape {tuple(x.shape)} ({detail}); it may do extra work inside "
-                        "forward: describe the variant with fastattn.register_adapter")
+        failure = _mismatch(family, x, want, got, amap, tol, training=False)
+        if failure:
+            return failure
+        if not train_copies_in_step:
+            continue
+        with torch.no_grad(), torch.autocast(scalar.device.type, enabled=False):
+            try:
+                with _fixed_rng(scalar.device):
+                    want = type(train_original).forward(train_original, x)
+            except Exception as error:  # noqa: BLE001
+                if attempt == 0:
+                    return (f"its training-mode forward raised {type(error).__name__} on a probe input "
+                            f"of shape {tuple(x.shape)}: {error}")
+                train_copies_in_step = False  # its SN state may have advanced part-way: stop here
+                continue
+            with _fixed_rng(scalar.device):
+                got, amap = run_family(train_fast, family, x, backend="torch",
+                                       want_map=family.returns_attention)
+        failure = _mismatch(family, x, want, got, amap, tol, training=True)
+        if failure:
+            return failure
     return None
 
 

@@ -200,3 +200,108 @@ def test_taki0112_ceil_pooling_accepts_a_size_one_side_like_the_original(hw):
     with torch.no_grad():
         want = original(x)
         assert_close(swapped(x), want, name=f"taki0112 on {hw}")
+
+
+# --- the probe also runs in training mode -------------------------------------------------------
+# A user's forward can do arithmetic only in training (a dropout on the attention map, say), with
+# no extra child module for the structural match to see. The eval-mode probe cannot see it; the
+# training-mode probe (two copies, same fixed RNG state) does.
+from gan_families import SelfAttn  # noqa: E402
+
+
+class DropoutForkSelfAttn(SelfAttn):
+    """The HF BigGAN layer with F.dropout(attn, p, self.training) on the attention map."""
+
+    def __init__(self, in_channels, p=0.1):
+        super().__init__(in_channels)
+        self.p = p
+
+    def forward(self, x):
+        _, ch, h, w = x.size()
+        theta = self.snconv1x1_theta(x).view(-1, ch // 8, h * w)
+        phi = self.maxpool(self.snconv1x1_phi(x)).view(-1, ch // 8, h * w // 4)
+        attn = self.softmax(torch.bmm(theta.permute(0, 2, 1), phi))
+        attn = F.dropout(attn, self.p, self.training)
+        g = self.maxpool(self.snconv1x1_g(x)).view(-1, ch // 2, h * w // 4)
+        attn_g = torch.bmm(g, attn.permute(0, 2, 1)).view(-1, ch // 2, h, w)
+        attn_g = self.snconv1x1_o_conv(attn_g)
+        return x + self.gamma * attn_g
+
+
+class TrainOnlyNoOpSelfAttn(SelfAttn):
+    """The HF BigGAN layer with a training-only branch that changes nothing."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            out = out * 1.0 + 0.0
+        return out
+
+
+def _built(cls, *args, dtype=torch.float64):
+    torch.manual_seed(0)
+    return warm_up_spectral_norm(set_residual_scalar(cls(*args).to(dtype)))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fork_with_dropout_on_the_attention_in_training_is_not_swapped(training):
+    module = _built(DropoutForkSelfAttn, CHANNELS, 0.1).train(training)
+    rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="training"):
+        handle = fastattn.swap_attention(module, backend="torch")
+    assert handle.swapped == [] and not is_swapped(module)
+    assert torch.equal(torch.get_rng_state(), rng), "the probe changed the caller's RNG state"
+    [skipped] = handle.skipped
+    reason = " ".join(skipped.reasons["hf_biggan"])
+    assert "training" in reason and "dropout" in reason, reason
+
+
+@pytest.mark.parametrize("cls, args", [(DropoutForkSelfAttn, (CHANNELS, 0.0)), (TrainOnlyNoOpSelfAttn, (CHANNELS,))],
+                         ids=["dropout_p0", "train_only_noop"])
+def test_fork_whose_training_only_code_changes_nothing_is_swapped(cls, args):
+    original = _built(cls, *args)
+    swapped = copy.deepcopy(original)
+    handle = fastattn.swap_attention(swapped, backend="torch", strict=True)
+    assert [(s.name, s.family) for s in handle.swapped] == [("", "hf_biggan")] and handle.skipped == []
+    for training in (True, False):
+        original.train(training)
+        swapped.train(training)
+        x = torch.randn(2, CHANNELS, 6, 8, dtype=torch.float64)
+        assert_close(swapped(x), original(x), name=f"{cls.__name__} output (train={training})")
+
+
+@pytest.mark.parametrize("family", ["biggan", "studiogan"])
+@pytest.mark.parametrize("warm", [True, False], ids=["warm_sn", "fresh_sn"])
+def test_training_probe_leaves_the_module_untouched_and_training_matches_the_original(family, warm):
+    # the training-mode probe runs BigGAN's own SN (u0/sv0) and torch's SN power iteration on
+    # copies only: the swapped module's buffers, and the caller's RNG, are as they were
+    built = set_residual_scalar(FAMILY_BUILDERS[family](CHANNELS).double())
+    original = warm_up_spectral_norm(built) if warm else built
+    original.train()
+    swapped = copy.deepcopy(original)
+    rng = torch.get_rng_state()
+    handle = fastattn.swap_attention(swapped, backend="torch", strict=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [(s.name, s.family) for s in handle.swapped] == [("", EXPECTED_FAMILY[family])]
+    state_orig, state_swap = original.state_dict(), swapped.state_dict()
+    assert list(state_swap) == list(state_orig)
+    for key, value in state_orig.items():
+        assert torch.equal(state_swap[key], value), f"the probe changed {key}"
+    for step in range(2):
+        x = torch.randn(2, CHANNELS, 6, 8, dtype=torch.float64)
+        x_orig, x_swap = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_orig, out_swap = _split(original(x_orig))[0], _split(swapped(x_swap))[0]
+        assert_close(out_swap, out_orig, name=f"{family} train output, step {step}")
+        grad = torch.randn_like(out_orig)
+        out_orig.backward(grad)
+        out_swap.backward(grad)
+        assert_close(x_swap.grad, x_orig.grad, name="grad of x")
+        swapped_params = dict(swapped.named_parameters())
+        for name, param in original.named_parameters():
+            assert_close(swapped_params[name].grad, param.grad, name=f"grad of {name}, step {step}")
+        swapped_buffers = dict(swapped.named_buffers())
+        for name, buf in original.named_buffers():
+            assert_close(swapped_buffers[name], buf, name=f"buffer {name} after step {step}")
+        for module in (original, swapped):
+            torch.optim.SGD(module.parameters(), lr=0.01).step()
+            module.zero_grad()
