@@ -104,29 +104,27 @@ def _key(kind, q, v, precision):
     return (kind, *_sizes(q, v), q.dtype, precision, str(q.device))
 
 
-def forward_config(q, k, v, precision, run):
-    """The ForwardConfig for these inputs; `run(config)` launches the forward once (for timing)."""
+def _config(kind, q, v, precision, run, candidates_fn, interpreter_config, **fixed_kwargs):
+    """The configuration of one pass: interpreted, fixed, or autotuned per shape."""
     args = (*_sizes(q, v), q.element_size())
     fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
-        return forward_candidates([INTERPRETER_FORWARD], *args, prune=False)[0]
+        return candidates_fn([interpreter_config], *args, prune=False)[0]
     shared = _shared_bytes(q.device)
-    table, _, fixed_config, _ = tables(q.element_size())
+    forward_table, backward_table, fixed_forward, fixed_backward = tables(q.element_size())
+    table, fixed_config = (forward_table, fixed_forward) if kind == "forward" else (backward_table, fixed_backward)
     if fixed:
-        return forward_candidates([fixed_config], *args, shared_bytes=shared)[0]
-    candidates = forward_candidates(table, *args, shared_bytes=shared)
-    return _pick(_key("forward", q, v, precision), candidates, run, q)
+        return candidates_fn([fixed_config], *args, shared_bytes=shared, **fixed_kwargs)[0]
+    return _pick(_key(kind, q, v, precision), candidates_fn(table, *args, shared_bytes=shared), run, q)
+
+
+def forward_config(q, k, v, precision, run):
+    """The ForwardConfig for these inputs; `run(config)` launches the forward once (for timing)."""
+    return _config("forward", q, v, precision, run, forward_candidates, INTERPRETER_FORWARD)
 
 
 def backward_config(q, k, v, precision, run):
-    """The BackwardConfig for these inputs; `run(config)` launches the whole backward once."""
-    args = (*_sizes(q, v), q.element_size())
-    fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
-    if interpreting():
-        return backward_candidates([INTERPRETER_BACKWARD], *args, prune=False)[0]
-    shared = _shared_bytes(q.device)
-    _, table, _, fixed_config = tables(q.element_size())
-    if fixed:
-        return backward_candidates([fixed_config], *args, shared_bytes=shared, deterministic=True)[0]
-    candidates = backward_candidates(table, *args, shared_bytes=shared)
-    return _pick(_key("backward", q, v, precision), candidates, run, q)
+    """The BackwardConfig for these inputs; `run(config)` launches the whole backward once.
+    The fixed configuration is a two-pass (deterministic) one."""
+    return _config("backward", q, v, precision, run, backward_candidates, INTERPRETER_BACKWARD,
+                   deterministic=True)

@@ -42,6 +42,18 @@ def _split(result):
     return result if isinstance(result, tuple) else (result, None)
 
 
+def _assert_same_gradients(original, swapped, out_orig, out_swap, x_orig, x_swap, suffix=""):
+    """Backpropagate one random gradient through both; the input's and every parameter's
+    gradients must agree."""
+    grad = torch.randn_like(out_orig)
+    out_orig.backward(grad)
+    out_swap.backward(grad)
+    assert_close(x_swap.grad, x_orig.grad, name="grad of x")
+    swapped_params = dict(swapped.named_parameters())
+    for name, param in original.named_parameters():
+        assert_close(swapped_params[name].grad, param.grad, name=f"grad of {name}{suffix}")
+
+
 @pytest.mark.parametrize("family, size", list(_cases()))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -59,13 +71,7 @@ def test_swapped_family_matches_original_outputs_gradients_and_sn_state(family, 
         assert attn_swap.shape == attn_orig.shape
         assert_close(attn_swap[1, 5], attn_orig[1, 5], name="attention row (1, 5)")
         assert_close(attn_swap.materialize(), attn_orig, name="attention map")
-    grad = torch.randn_like(out_orig)
-    out_orig.backward(grad)
-    out_swap.backward(grad)
-    assert_close(x_swap.grad, x_orig.grad, name="grad of x")
-    swapped_params = dict(swapped.named_parameters())
-    for name, param in original.named_parameters():
-        assert_close(swapped_params[name].grad, param.grad, name=f"grad of {name}")
+    _assert_same_gradients(original, swapped, out_orig, out_swap, x_orig, x_swap)
     # one optimizer step, then the spectral-norm state and the next output must still agree
     for module in (original, swapped):
         torch.optim.SGD(module.parameters(), lr=0.01).step()
@@ -292,13 +298,7 @@ def test_training_probe_leaves_the_module_untouched_and_training_matches_the_ori
         x_orig, x_swap = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_orig, out_swap = _split(original(x_orig))[0], _split(swapped(x_swap))[0]
         assert_close(out_swap, out_orig, name=f"{family} train output, step {step}")
-        grad = torch.randn_like(out_orig)
-        out_orig.backward(grad)
-        out_swap.backward(grad)
-        assert_close(x_swap.grad, x_orig.grad, name="grad of x")
-        swapped_params = dict(swapped.named_parameters())
-        for name, param in original.named_parameters():
-            assert_close(swapped_params[name].grad, param.grad, name=f"grad of {name}, step {step}")
+        _assert_same_gradients(original, swapped, out_orig, out_swap, x_orig, x_swap, f", step {step}")
         swapped_buffers = dict(swapped.named_buffers())
         for name, buf in original.named_buffers():
             assert_close(swapped_buffers[name], buf, name=f"buffer {name} after step {step}")
