@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fastattn.data import SHAPE_CLASSES, shapes_dataset
+from fastattn.models.data import SHAPE_CLASSES, shapes_dataset
 from fastattn.models import (
     Discriminator,
     Generator,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastattn.constants import GAN_PARITY_FP32_RTOL, GAN_PARITY_FP64_RTOL
-from fastattn.data import shapes_dataset
+from fastattn.models.data import shapes_dataset
 from fastattn.models import Discriminator, GANTrainer, Generator, attention_layers
 
 STEPS = 6

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from fastattn import cli
-from fastattn.train import main
+from fastattn.models.train import main
 
 # A model small enough that a step takes milliseconds: 16x16, attention at 16 in G, 8 in D.
 TINY = ["--resolution", "16", "--ch", "4", "--z-dim", "8", "--batch-size", "4", "--n-images", "32",
@@ -94,7 +94,7 @@ def test_data_folder_with_class_subfolders_trains_a_conditional_model(tmp_path):
 
 
 def test_data_folder_labels_nested_images_by_the_first_folder_below_the_root(tmp_path):
-    from fastattn.data import folder_dataset
+    from fastattn.models.data import folder_dataset
 
     data = tmp_path / "pictures"
     _write_pngs(data / "cats" / "indoor", 2, (16, 16), (200, 30, 30))

@@ -6,7 +6,7 @@ import gc
 import os
 import sys
 
-from ..cli import number_type
+from ..argtypes import number_type
 from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PRESETS
 
 __all__ = ["main", "parse_args", "run"]

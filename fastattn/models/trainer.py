@@ -12,7 +12,7 @@ import random
 import torch
 from torch import Tensor, nn
 
-from ..data import ImageDataset
+from .data import ImageDataset
 from .blocks import attention_layers
 from .losses import d_accuracy, hinge_loss_d, hinge_loss_g
 

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .cli import number_type
+from ..argtypes import number_type
 from .data import folder_dataset, shapes_dataset
-from .models import Discriminator, GANTrainer, Generator
-from .models.metrics import fd8, frechet_distance, pooled_features
-from .models.report import plot_losses, save_grid
+from .gan import Discriminator, Generator
+from .trainer import GANTrainer
+from .metrics import fd8, frechet_distance, pooled_features
+from .pictures import plot_losses, save_grid
 
 __all__ = ["main", "build_parser", "DEFAULTS"]
 
@@ -131,7 +132,7 @@ def _check_backend(parser, name: str | None, attention: str) -> None:
         return
     if attention != "fastattn":
         parser.error(f"--backend {name!r} applies to --attention fastattn only, got --attention {attention}")
-    from .dispatch import available_backends
+    from ..dispatch import available_backends
 
     backends = available_backends()
     if name not in backends:
