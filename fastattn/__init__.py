@@ -2,10 +2,10 @@
 from .dispatch import BackendUnavailableError, available_backends
 from .functional import spatial_attention
 from .reference import reference_attention
-from .attention_map import AttentionMap, attention_rows, save_attention_png
+from .attention_map import AttentionMap, attention_rows
+from .viz import save_attention_png
 from .nn import SelfAttention2d
-from .families import AttentionFamily, register_adapter, unregister_adapter
-from .swap import SwapHandle, swap_attention
+from .swap import AttentionFamily, SwapHandle, register_adapter, swap_attention, unregister_adapter
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,6 @@ or an error lists why it cannot run: there is never a silent substitute.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from abc import ABC, abstractmethod
 
@@ -23,6 +22,7 @@ __all__ = [
     "register_backend",
     "select_backend",
     "backend_report",
+    "check_backend_name",
 ]
 
 ENV_VAR = "FASTATTN_BACKEND"
@@ -61,13 +61,8 @@ class Backend(ABC):
         return self.unavailable() or self.unsupported(q, k, v)
 
 
-# Built-in backends are loaded when this module is imported (end of file). Their modules import
-# neither triton nor CUDA (the triton backend imports triton on first use), so `import fastattn`
-# needs neither; loading them up front keeps importlib out of code torch.compile traces.
-_BUILTIN = {
-    "torch": "fastattn.backends.torch_chunked:TorchChunkedBackend",
-    "triton": "fastattn.backends.triton:TritonBackend",
-}
+# The built-in backends register themselves when fastattn.backends is imported (fastattn/__init__
+# imports it): this module imports no backend, so imports run one way, backends -> dispatch.
 _REGISTRY: dict[str, Backend] = {}
 
 
@@ -79,35 +74,8 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
-class _ImportFailed(Backend):
-    def __init__(self, name: str, error: BaseException):
-        self.name, self._error = name, error
-
-    def unavailable(self) -> list[str]:
-        return [f"its module failed to import: {type(self._error).__name__}: {self._error}"]
-
-    def unsupported(self, q, k, v):  # pragma: no cover - never reached, unavailable() wins
-        return []
-
-    def attention(self, q, k, v, scale):  # pragma: no cover
-        raise BackendUnavailableError(self.unavailable()[0])
-
-
-def _load_builtins() -> None:
-    for name, target in _BUILTIN.items():
-        if name in _REGISTRY:
-            continue
-        module_name, cls_name = target.split(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-            _REGISTRY[name] = cls()
-        except Exception as error:  # a broken optional backend must not break the others
-            _REGISTRY[name] = _ImportFailed(name, error)
-
-
 def available_backends() -> dict[str, Backend]:
     """All known backends by name, highest priority first."""
-    _load_builtins()
     return dict(sorted(_REGISTRY.items(), key=lambda item: -item[1].priority))
 
 
@@ -121,6 +89,20 @@ def get_backend(name: str, *, source: str = "backend") -> Backend:
             expected = f"{source} must name one of {sorted(backends)} (or be unset)"
         raise ValueError(f"{expected}, got {name!r}")
     return backends[name]
+
+
+def check_backend_name(backend: str | None) -> None:
+    """Check a backend= argument before any input exists (layers, swap_attention): None passes;
+    otherwise TypeError for a non-str, ValueError for an unknown name, BackendUnavailableError
+    when the named backend cannot run on this machine at all."""
+    if backend is None:
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    reasons = get_backend(backend).unavailable()
+    if reasons:
+        raise BackendUnavailableError(f"backend {backend!r} (requested by backend=) cannot run here: "
+                                      f"{'; '.join(reasons)}. Pass backend=None for automatic choice.")
 
 
 def _format_reasons(reasons_by_name: dict[str, list[str]]) -> str:
@@ -165,5 +147,3 @@ def backend_report() -> list[dict]:
         rows.append({"name": name, "priority": b.priority, "available": not why, "reasons": why})
     return rows
 
-
-_load_builtins()

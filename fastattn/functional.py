@@ -7,7 +7,9 @@ import numbers
 import torch
 from torch import Tensor
 
+from . import backends  # noqa: F401  (registers the built-in backends with dispatch)
 from .dispatch import select_backend
+from .reference import accumulation_dtype, default_scale
 
 __all__ = ["spatial_attention", "validate_inputs", "resolve_scale"]
 
@@ -64,7 +66,7 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 def resolve_scale(scale, d_qk: int) -> float:
     """`scale=None` means 1/sqrt(d_qk), as in torch.nn.functional.scaled_dot_product_attention."""
     if scale is None:
-        return 1.0 / math.sqrt(d_qk) if d_qk > 0 else 1.0
+        return default_scale(d_qk)
     # torch.SymFloat/SymInt: a scale traced by torch.compile(dynamic=True); float() specialises it
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
@@ -106,5 +108,5 @@ def spatial_attention(
     chosen = select_backend(q, k, v, backend)
     out, lse = chosen.attention(q, k, v, scale)
     if return_lse:
-        return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return out, lse.to(accumulation_dtype(q.dtype))
     return out

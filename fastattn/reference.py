@@ -7,17 +7,31 @@ memory at high resolution).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["reference_attention", "reference_attention_map"]
+__all__ = ["reference_attention", "reference_attention_map", "default_scale", "accumulation_dtype"]
+
+
+def default_scale(d_qk: int) -> float:
+    """The logit scale that `scale=None` means: 1/sqrt(d_qk), as in
+    torch.nn.functional.scaled_dot_product_attention (1.0 when there are no channels)."""
+    return 1.0 / math.sqrt(d_qk) if d_qk > 0 else 1.0
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fastattn keeps logits, softmax statistics and sums in for inputs of `dtype`:
+    float64 for float64, float32 for everything narrower (so fp16 logits cannot overflow)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reference_attention_map(q: Tensor, k: Tensor, scale: float | None = 1.0) -> Tensor:
     """softmax_j(scale * q[:, :, i] . k[:, :, j]) as a (B, N, M) tensor, in q's dtype."""
     logits = torch.bmm(q.transpose(1, 2), k)  # (B, N, M)
     if scale is None:
-        scale = q.shape[1] ** -0.5
+        scale = default_scale(q.shape[1])
     if scale != 1.0:
         logits = logits * scale
     return torch.softmax(logits, dim=-1)
@@ -34,13 +48,12 @@ def reference_attention(
     """
     logits = torch.bmm(q.transpose(1, 2), k)
     if scale is None:
-        scale = q.shape[1] ** -0.5
+        scale = default_scale(q.shape[1])
     if scale != 1.0:
         logits = logits * scale
     attn = torch.softmax(logits, dim=-1)
     out = torch.bmm(v, attn.transpose(1, 2))
     if not return_lse:
         return out
-    wide = torch.promote_types(logits.dtype, torch.float32)
-    lse = torch.logsumexp(logits.to(wide), dim=-1)
+    lse = torch.logsumexp(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
     return out, lse

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from .reference import default_scale
+
 __all__ = ["GanShape", "gan_shapes", "gan_shape"]
 
 
@@ -32,6 +34,18 @@ class GanShape:
     @property
     def pooled(self) -> bool:
         return self.M != self.N
+
+    @property
+    def one_head_full_width(self) -> bool:
+        """q/k as wide as the input (d_qk = d_v = C): the single-head attention of GAN-trained
+        autoencoders' mid-blocks (VQGAN, latent-diffusion VAEs), as opposed to SAGAN's C // 8."""
+        return self.d_qk == self.d_v == self.C
+
+    @property
+    def scale(self) -> float:
+        """The logit scale the layer at this site uses: SAGAN-family layers do not scale (1.0);
+        the full-width autoencoder layers scale by C**-0.5, like scaled_dot_product_attention."""
+        return default_scale(self.d_qk) if self.one_head_full_width else 1.0
 
     def with_batch(self, batch: int) -> "GanShape":
         return GanShape(**{**self.__dict__, "B": batch})

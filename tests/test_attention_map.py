@@ -7,7 +7,7 @@ import torch
 
 import fastattn
 from fastattn import AttentionMap, attention_rows, save_attention_png
-from fastattn.attention_map import attention_overlay
+from fastattn.viz import attention_overlay
 from fastattn.reference import reference_attention_map
 from fastattn.testing import assert_close
 

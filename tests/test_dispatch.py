@@ -79,19 +79,25 @@ def test_backend_argument_overrides_environment(extra_backends, monkeypatch):
 
 def test_when_nothing_can_run_every_backend_and_reason_is_listed(monkeypatch):
     monkeypatch.setattr(dispatch, "_REGISTRY", {"picky": _Picky()})
-    monkeypatch.setattr(dispatch, "_BUILTIN", {})
     with pytest.raises(BackendUnavailableError, match=r"no fastattn backend can run this input:\n  - picky: d_qk=4"):
         spatial_attention(*qkv())
 
 
-def test_a_backend_whose_module_fails_to_import_reports_why(monkeypatch):
-    monkeypatch.setattr(dispatch, "_REGISTRY", {})
-    monkeypatch.setattr(dispatch, "_BUILTIN", {**dispatch._BUILTIN, "broken": "fastattn.no_such_module:X"})
+def test_a_backend_whose_kernels_fail_to_load_reports_why(monkeypatch):
+    import fastattn.backends.triton as triton_package
+    from fastattn.backends.triton import backend as triton_backend
+
+    monkeypatch.delattr(triton_package, "ops", raising=False)
+    monkeypatch.setattr(triton_backend, "_ops", None)
+    monkeypatch.setattr(triton_backend, "_load_error", None)
+    monkeypatch.setitem(sys.modules, "fastattn.backends.triton.ops", None)  # importing it now fails
     report = {row["name"]: row for row in dispatch.backend_report()}
-    assert not report["broken"]["available"]
-    assert "No module named 'fastattn.no_such_module'" in report["broken"]["reasons"][0]
-    with pytest.raises(BackendUnavailableError, match="its module failed to import"):
-        spatial_attention(*qkv(), backend="broken")
+    assert not report["triton"]["available"]
+    assert "the Triton kernels failed to load" in report["triton"]["reasons"][0]
+    assert "fastattn.backends.triton.ops" in report["triton"]["reasons"][0]
+    with pytest.raises(BackendUnavailableError, match="the Triton kernels failed to load"):
+        spatial_attention(*qkv(), backend="triton")
+    assert report["torch"]["available"]  # a broken optional backend does not break the others
 
 
 def test_register_backend_rejects_non_backends():

@@ -100,7 +100,7 @@ def test_widest_supported_widths_are_accepted():
 
 @needs_interpreter
 def test_forward_and_backward_ops_pass_opcheck_under_the_interpreter():
-    from fastattn.ops import attention_backward_op, attention_forward_op
+    from fastattn.backends.triton.ops import attention_backward_op, attention_forward_op
 
     q, k, v = _qkv(d_qk=10, n=19, m=7, d_v=24)
     torch.library.opcheck(attention_forward_op, (q, k, v, 0.5, "ieee"))
@@ -133,7 +133,7 @@ def test_spatial_attention_compiles_fullgraph_without_graph_breaks():
 
 
 def test_fp32_dot_precision_follows_pytorchs_matmul_setting():
-    from fastattn.ops import fp32_dot_precision
+    from fastattn.backends.triton.ops import fp32_dot_precision
 
     before = torch.get_float32_matmul_precision()
     try:

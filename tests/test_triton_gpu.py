@@ -193,7 +193,7 @@ def test_layer_compiles_with_fullgraph_and_matches_eager(dtype_name, fixed_confi
 
 @pytest.mark.parametrize("dtype_name", ["fp16", "bf16", "fp32"])
 def test_ops_pass_opcheck_on_cuda(dtype_name, fixed_config):
-    from fastattn.ops import USES_TRITON_OP, attention_backward_op, attention_forward_op
+    from fastattn.backends.triton.ops import USES_TRITON_OP, attention_backward_op, attention_forward_op
 
     assert USES_TRITON_OP == hasattr(torch.library, "triton_op")
     dtype = DTYPES[dtype_name]

@@ -145,7 +145,7 @@ def test_scale_none_means_inverse_sqrt_d_qk_at_runtime():
 def test_atomic_dq_backward_matches_two_pass_backward():
     from fastattn.kernels.backward import launch_backward
     from fastattn.kernels.configs import INTERPRETER_BACKWARD, pad_width
-    from fastattn.ops import attention
+    from fastattn.backends.triton.ops import attention
 
     gen = torch.Generator().manual_seed(5)
     cases = [(d_v, False) for d_v in (40, 96)]  # fused dK/dV, and d_v split across two launches

@@ -18,12 +18,9 @@ from torch import Tensor
 
 from .. import constants
 from ..dispatch import Backend
+from ..reference import accumulation_dtype
 
 __all__ = ["TorchChunkedBackend", "chunked_attention", "differentiable_grads"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows_per_chunk(batch: int, n_keys: int, n_queries: int, acc: torch.dtype) -> int:
@@ -44,7 +41,7 @@ def _buffer(storage: Tensor, batch: int, rows: int, n_keys: int) -> Tensor:
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     batch, _, n_queries = q.shape
     d_v, n_keys = v.shape[1], v.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     k_acc, v_acc = k.to(acc), v.to(acc)
     out = torch.empty(batch, d_v, n_queries, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, n_queries, dtype=acc, device=q.device)
@@ -116,7 +113,7 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, needs):
 
 def _differentiable(q, k, v, scale):
     """(out, lse) by chunked differentiable ops: used for double backward only."""
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     k_acc, v_acc = k.to(acc), v.to(acc)
     rows = _rows_per_chunk(q.shape[0], k.shape[2], q.shape[2], acc)
     outs, lses = [], []

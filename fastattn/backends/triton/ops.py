@@ -12,7 +12,8 @@ wrap_triton, which accepts compiled kernels only.
 
 `precision` is tl.dot's input_precision for fp32 inputs ("ieee", "tf32" or "tf32x3"; ignored for
 fp16/bf16); `fp32_dot_precision()` derives it from PyTorch's matmul precision setting.
-This module imports triton; fastattn imports it only when the Triton backend runs.
+This module imports triton and is the only one that imports the kernels; the backend loads it on
+first use (backend.load_ops).
 """
 import contextlib
 
@@ -20,12 +21,13 @@ import torch
 from torch import Tensor
 from typing import Optional
 
-from .kernels.autotune import backward_config, forward_config, interpreting
-from .kernels.backward import launch_backward
-from .kernels.configs import pad_width
-from .kernels.forward import launch_forward
+from ...kernels.autotune import backward_config, forward_config, interpreting
+from ...kernels.backward import launch_backward
+from ...kernels.configs import pad_width
+from ...kernels.forward import launch_forward
+from ..torch_chunked import differentiable_grads
 
-__all__ = ["attention", "fp32_dot_precision", "attention_forward_op", "attention_backward_op", "USES_TRITON_OP"]
+__all__ = ["attention", "interpreting", "fp32_dot_precision", "attention_forward_op", "attention_backward_op", "USES_TRITON_OP"]
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
 USES_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not interpreting()
@@ -119,8 +121,6 @@ def _attention_grad(ctx, grad_out, grad_lse):
         # create_graph=True (R1 / WGAN-GP penalties through attention): the kernels have no
         # second derivative, so the gradients are recomputed with the torch backend's
         # differentiable chunked ops, which do; first-order backward stays on the kernels.
-        from .backends.torch_chunked import differentiable_grads
-
         needs = tuple(t.requires_grad for t in (q, k, v))
         return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None, None)
     dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)

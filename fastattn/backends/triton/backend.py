@@ -1,6 +1,8 @@
-"""The Triton backend: fused forward and backward kernels (kernels/, as fastattn.kernels).
+"""The Triton backend as dispatch sees it: what it supports, and the call into its operators.
 
-Triton is imported lazily, by the first check or call of this backend, never by `import fastattn`.
+Triton and the kernels are loaded lazily (`load_ops`), by the first check or call of this backend,
+never by `import fastattn`; when they cannot load, the error is the reason this backend is
+unavailable.
 On CPU tensors the kernels run in Triton's interpreter, which must have been switched on with
 TRITON_INTERPRET=1 before triton was first imported; that is correct but slow, so automatic
 choice never picks it: ask for backend="triton" explicitly.
@@ -9,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import Backend
+from ...dispatch import Backend
 
-__all__ = ["TritonBackend", "MAX_D_QK", "MAX_D_V", "MAX_BATCH", "MAX_ELEMENTS_PER_SAMPLE"]
+__all__ = ["TritonBackend", "load_ops", "MAX_D_QK", "MAX_D_V", "MAX_BATCH", "MAX_ELEMENTS_PER_SAMPLE"]
 
 # Widest q/k channel count: d_qk is padded to a power of two and held in registers, and 256 is
 # the widest tile that still leaves room for the accumulators (C = 2048 channels at C // 8).
@@ -29,10 +31,35 @@ _CPU_NEEDS_INTERPRETER = (
 )
 
 
-def _interpreting() -> bool:
-    from ..kernels.autotune import interpreting
+_ops = None
+_load_error: str | None = None
 
-    return interpreting()
+
+def load_ops():
+    """The operators module (fastattn.backends.triton.ops), importing triton and the kernels on
+    the first call. Raises ImportError saying why when they cannot load; later calls repeat it."""
+    global _ops, _load_error
+    if _ops is None and _load_error is None:
+        try:
+            from . import ops
+        except Exception as error:  # ImportError, or a broken install raising something else
+            _load_error = _why_not_loaded(error)
+        else:
+            _ops = ops
+    if _ops is None:
+        raise ImportError(_load_error)
+    return _ops
+
+
+def _why_not_loaded(error: BaseException) -> str:
+    missing = getattr(error, "name", None)
+    if isinstance(error, ModuleNotFoundError) and missing and missing.split(".")[0] == "triton":
+        return f"triton is not importable ({type(error).__name__}: {error}); pip install triton"
+    return f"the Triton kernels failed to load ({type(error).__name__}: {error})"
+
+
+def _interpreting() -> bool:
+    return load_ops().interpreting()
 
 
 class TritonBackend(Backend):
@@ -41,9 +68,9 @@ class TritonBackend(Backend):
 
     def unavailable(self) -> list[str]:
         try:
-            import triton  # noqa: F401
-        except Exception as error:  # ImportError, or a broken install raising something else
-            return [f"triton is not importable ({type(error).__name__}: {error}); pip install triton"]
+            load_ops()
+        except ImportError as error:
+            return [str(error)]
         return []
 
     def unsupported(self, q, k, v) -> list[str]:
@@ -92,6 +119,4 @@ class TritonBackend(Backend):
         return []
 
     def attention(self, q, k, v, scale):
-        from ..ops import attention
-
-        return attention(q, k, v, scale)
+        return load_ops().attention(q, k, v, scale)

@@ -1,0 +1,145 @@
+"""The forward fastattn installs on a swapped module instance, and how it is installed and removed.
+
+Only `forward` is replaced on the existing module *instance* (Liger-style): the convs, their
+spectral norm (hooks, parametrizations, BigGAN's own `u0`/`sv0` power iteration), the residual
+scalar and every state_dict key stay where they are; the swapped forward calls the conv
+submodules themselves, so whatever runs inside them runs exactly as before. Removing the
+instance attribute gives the class's own forward back.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention_map import AttentionMap
+from ..nn import attention_core
+from ..reference import default_scale
+from .families import AttentionFamily, forward_signature
+
+__all__ = ["run_family", "is_swapped", "install_forward", "uninstall_forward", "SwapState", "STATE"]
+
+STATE = "_fastattn_swap"
+
+
+@dataclass
+class SwapState:
+    family: AttentionFamily
+    backend: str | None
+    recorder: list | None = field(default=None, compare=False)
+
+
+def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend: str | None = None,
+               want_map: bool = False) -> tuple[Tensor, AttentionMap | None]:
+    """The family's layer computed with fastattn on `module`'s own submodules: (y, map or None)."""
+    if not isinstance(x, Tensor) or x.dim() != 4 and not (family.conv_dim == 1 and x.dim() == 3):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (B, C, H, W) tensor for the {family.name} attention layer, got {got}")
+    inp = x.reshape(x.shape[0], x.shape[1], -1) if family.conv_dim == 1 else x
+    if family.pool_module:  # ceil-mode 2x2 pooling keeps >= 1 key on a size-1 side, floor none
+        floor_pooled = not getattr(getattr(module, family.pool_module), "ceil_mode", False)
+    else:
+        floor_pooled = family.pool == "floor"
+    if floor_pooled and min(x.shape[2:]) < 2:
+        raise ValueError(f"the {family.name} attention layer max-pools keys 2x2 (rounding down), which "
+                         f"leaves no key for an input of shape {tuple(x.shape)}: H and W must be >= 2")
+    q = getattr(module, family.query)(inp)
+    k = getattr(module, family.key)(inp)
+    v = getattr(module, family.value)(inp)
+    if family.pool_module:
+        pool = getattr(module, family.pool_module)
+        k, v = pool(k), pool(v)
+    elif family.pool:
+        ceil = family.pool == "ceil"
+        k = F.max_pool2d(k, kernel_size=2, stride=2, ceil_mode=ceil)
+        v = F.max_pool2d(v, kernel_size=2, stride=2, ceil_mode=ceil)
+    key_hw = tuple(k.shape[2:]) if family.conv_dim == 2 else tuple(x.shape[2:])
+    q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+    if family.roles_swapped:  # softmax over the query conv's pixels: the key conv asks
+        q, k = k, q
+    amap, scale = None, family.scale
+    if want_map:
+        out, lse = attention_core(q, k, v, scale=scale, backend=backend, return_lse=True)
+        scale = scale if scale is not None else default_scale(q.shape[1])
+        amap = AttentionMap(q, k, lse, scale=scale, query_hw=tuple(x.shape[2:]), key_hw=key_hw)
+    else:
+        out = attention_core(q, k, v, scale=scale, backend=backend)
+    out = out.view(*out.shape[:2], *x.shape[2:])
+    if family.out:
+        out = getattr(module, family.out)(out)
+    y = getattr(module, family.scalar) * out + x
+    for name in family.after_residual:
+        y = getattr(module, name)(y)
+    return y, amap
+
+
+class _SwappedForward:
+    """The `forward` fastattn puts on a swapped module instance (deep-copyable, picklable).
+
+    A layer whose original returns (out, attention) gets (out, AttentionMap) back: the lazy map
+    that never builds the (B, N, M) tensor. In a replica made by nn.DataParallel (`replica=True`)
+    it returns (out, attention_map.materialize()) instead, the plain (B, N, M) tensor the
+    original layer returned: DataParallel's gather only knows how to concatenate tensors (it
+    rebuilds any other object with type(obj)(...), which an AttentionMap cannot be)."""
+
+    def __init__(self, module: nn.Module, replica: bool = False):
+        self.module = module
+        self.replica = replica
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return forward_signature(self.module)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        state: SwapState = module.__dict__[STATE]
+        family = state.family
+        if args and not kwargs and len(args) <= 1 + family.extra_forward_args:
+            x = args[0]
+        else:  # keyword call or a wrong call: let the original signature say what is wrong
+            x = next(iter(forward_signature(module).bind(*args, **kwargs).arguments.values()))
+        want_map = family.returns_attention or state.recorder is not None
+        y, amap = run_family(module, family, x, backend=state.backend, want_map=want_map)
+        if state.recorder is not None:
+            state.recorder.append(amap)
+        if not family.returns_attention:
+            return y
+        return (y, amap.materialize()) if getattr(self, "replica", False) else (y, amap)
+
+
+class _SwappedReplicate:
+    """nn.DataParallel copies a module's __dict__ into each replica, which would leave the
+    replica's `forward` pointing at the original; this instance-level hook re-points it, and
+    marks it as a replica's forward, which returns attention as a plain tensor (see
+    _SwappedForward) so that DataParallel can gather it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self):
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        install_forward(replica, replica.__dict__[STATE], replica=True)
+        return replica
+
+
+def install_forward(module: nn.Module, state: SwapState, replica: bool = False) -> None:
+    module.__dict__[STATE] = state
+    module.__dict__["forward"] = _SwappedForward(module, replica=replica)
+    module.__dict__["_replicate_for_data_parallel"] = _SwappedReplicate(module)
+
+
+def uninstall_forward(module: nn.Module, state: SwapState) -> bool:
+    if module.__dict__.get(STATE) is not state:
+        return False
+    del module.__dict__[STATE]
+    for name, kind in (("forward", _SwappedForward), ("_replicate_for_data_parallel", _SwappedReplicate)):
+        if isinstance(module.__dict__.get(name), kind):
+            del module.__dict__[name]
+    return True
+
+
+def is_swapped(module: nn.Module) -> bool:
+    """Whether fastattn's forward is installed on this module instance."""
+    return STATE in module.__dict__ and isinstance(module.__dict__.get("forward"), _SwappedForward)

@@ -1,0 +1,76 @@
+"""What `swap_attention` did: the layers swapped and skipped (with reasons), revert and recording."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from .forward import SwapState
+
+__all__ = ["SwapHandle", "SwappedLayer", "SkippedLayer"]
+
+
+@dataclass(frozen=True)
+class SwappedLayer:
+    name: str  # qualified name in the model ("" for the model itself)
+    family: str
+    module_type: str
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    module_type: str
+    reasons: dict  # family name -> list of reasons it is not that family
+
+    def __str__(self) -> str:
+        why = "; ".join(f"as {fam}: {', '.join(r)}" for fam, r in self.reasons.items())
+        return f"{self.name or '<model>'} ({self.module_type}) not swapped: {why}"
+
+
+class SwapHandle:
+    """What `swap_attention` did. `swapped`, `skipped` (with reasons) and `already_swapped` list
+    the layers; `revert()` restores them; usable as a context manager (reverts on exit)."""
+
+    def __init__(self):
+        self.swapped: list[SwappedLayer] = []
+        self.skipped: list[SkippedLayer] = []
+        self.already_swapped: list[SwappedLayer] = []
+        self._installed: list[tuple[SwappedLayer, object]] = []  # (record, revert() -> bool)
+        self._states: list[tuple[str, SwapState]] = []
+
+    def __repr__(self) -> str:
+        return (f"SwapHandle(swapped={[(s.name, s.family) for s in self.swapped]}, "
+                f"skipped={[s.name for s in self.skipped]}, "
+                f"already_swapped={[s.name for s in self.already_swapped]})")
+
+    def summary(self) -> str:
+        lines = [f"swapped {s.name or '<model>'} ({s.module_type}) as {s.family}" for s in self.swapped]
+        lines += [f"already swapped {s.name or '<model>'} as {s.family}" for s in self.already_swapped]
+        lines += [str(s) for s in self.skipped]
+        return "\n".join(lines) or "no attention layers found"
+
+    def revert(self) -> list[str]:
+        """Give the swapped modules their own forward back. Returns the names reverted."""
+        reverted = [record.name for record, revert in self._installed if revert()]
+        self._installed, self._states = [], []
+        return reverted
+
+    def __enter__(self) -> "SwapHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect the attention of every swapped layer call: yields {name: [AttentionMap, ...]}.
+        (fastattn's own SelfAttention2d layers are not recorded: use their attention_map(x).)"""
+        maps: dict[str, list] = {}
+        states = list(self._states)
+        for name, state in states:
+            state.recorder = maps.setdefault(name, [])
+        try:
+            yield maps
+        finally:
+            for _, state in states:
+                state.recorder = None
