@@ -8,8 +8,8 @@ Low precision: logits, softmax statistics and accumulators are fp32 (fp64 for fp
 unscaled GAN logits cannot overflow the way the naive fp16 bmm does.
 
 Double backward (gradient penalties such as R1 or WGAN-GP on a discriminator with attention)
-is supported: under create_graph the backward runs as differentiable chunked PyTorch ops.
-That path records every chunk's graph, so its memory is that of the naive path.
+is supported: under create_graph the backward is chunked_grad.FirstOrderGrads, whose own
+backward recomputes the probabilities chunk by chunk again, so it never holds an N x M tensor.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import constants
 from ..dispatch import Backend
 from ..reference import accumulation_dtype
+from .chunked_grad import first_order_grads
 
 __all__ = ["TorchChunkedBackend", "chunked_attention", "differentiable_grads"]
 
@@ -170,7 +171,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs):
         if torch.is_grad_enabled():
-            return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None,)
+            return first_order_grads(_backward, q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs) + (None,)
         return _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs) + (None,)
 
 

@@ -25,7 +25,7 @@ from ...kernels.autotune import backward_config, forward_config, interpreting
 from ...kernels.backward import launch_backward
 from ...kernels.configs import pad_width
 from ...kernels.forward import launch_forward
-from ..torch_chunked import differentiable_grads
+from ..chunked_grad import first_order_grads
 
 __all__ = ["attention", "interpreting", "fp32_dot_precision", "attention_forward_op", "attention_backward_op", "USES_TRITON_OP"]
 
@@ -113,16 +113,24 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.precision = scale, precision
 
 
+def _kernel_grads(precision: str):
+    """The kernels' backward in chunked_grad's first-order signature."""
+    def first_order(q, k, v, out, lse, grad_out, grad_lse, scale, needs):
+        return attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, scale, precision)
+    return first_order
+
+
 def _attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        # create_graph=True (R1 / WGAN-GP penalties through attention): the kernels have no
-        # second derivative, so the gradients are recomputed with the torch backend's
-        # differentiable chunked ops, which do; first-order backward stays on the kernels.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, grad_out)):
+        # create_graph=True (R1 / WGAN-GP penalties through attention): the first-order gradients
+        # still come from the kernels; their derivative is chunked_grad's chunked recompute in
+        # PyTorch (bmm on the same device), which holds one chunk of probabilities at a time.
         needs = tuple(t.requires_grad for t in (q, k, v))
-        return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None, None)
+        return first_order_grads(_kernel_grads(ctx.precision), q, k, v, out, lse, grad_out, grad_lse,
+                                 ctx.scale, needs) + (None, None)
     dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)
     return dq, dk, dv, None, None
 
