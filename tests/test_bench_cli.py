@@ -138,7 +138,7 @@ def test_compare_fails_when_nothing_was_timed_in_both_runs():
 @pytest.mark.parametrize("argv, needle", [
     (["--shape", "nope"], "--shape must name sites from gan_shapes.json"),
     (["--dtype", "fp8"], "--dtype must be one of float32"),
-    (["--direction", "sideways"], "--direction must be one of fwd, bwd, fwd+bwd, got 'sideways'"),
+    (["--direction", "sideways"], "--direction must be one of fwd, bwd, fwd+bwd, fwd+bwd+bwd2, got 'sideways'"),
     (["--provider", "magic"], "--provider must be one of naive"),
     (["--custom", "N=0,M=4,d_qk=2,d_v=2"], "--custom got 'N=0,M=4,d_qk=2,d_v=2': bad item 'N=0'"),
     (["--custom", "N=8,M=4"], "missing d_qk, d_v"),

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..argtypes import number_type
-from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PRESETS
+from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PENALTY_DIRECTION, PRESETS
 
 __all__ = ["main", "parse_args", "run"]
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", metavar="DTYPE[,DTYPE]",
                    help=f"{', '.join(DTYPES)} (default: float32 on CPU, bfloat16 and float16 on CUDA)")
     p.add_argument("--direction", action="append", metavar="DIR[,DIR]",
-                   help=f"{', '.join(DIRECTIONS)}; fwd is an inference forward, bwd the backward alone")
+                   help=f"{', '.join(DIRECTIONS)}; fwd is an inference forward, bwd the backward alone, "
+                        f"{PENALTY_DIRECTION} a gradient-penalty step (backward of |dq|^2+|dk|^2+|dv|^2)")
     p.add_argument("--provider", action="append", metavar="NAME[,NAME]",
                    help=f"{', '.join(ALL_PROVIDERS)} (default on CPU: naive, sdpa, fastattn-torch; "
                         "on CUDA: all)")
@@ -252,6 +253,8 @@ def run(args) -> tuple[dict, list[dict]]:
                 reference_cache.clear()  # cases of one site and dtype are consecutive
                 need_grads = any(c.direction != "fwd" for c in cases if (c.site, c.dtype) == key)
                 reference_cache[key] = measure.reference_results(inputs, SCALE, need_grads)
+                if any(c.direction == PENALTY_DIRECTION for c in cases if (c.site, c.dtype) == key):
+                    reference_cache[key] += (measure.reference_penalty_grads(inputs, SCALE),)
             reference = reference_cache[key]
         for provider in providers:
             if bar is not None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..constants import TOLERANCES
 from ..reference import reference_attention
 from ..testing import max_abs_error
-from .presets import DTYPES, Case, Site
+from .presets import DTYPES, PENALTY_DIRECTION, Case, Site
 
 __all__ = ["Timing", "CaseInputs", "make_inputs", "make_call", "time_call", "reference_results",
            "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "cpu_noise_floor"]
@@ -80,6 +80,11 @@ def make_call(fn: Callable, direction: str, x: CaseInputs, scale: float):
                 return fn(x.q, x.k, x.v, scale), None
         return (lambda: None), call
     leaves = tuple(t.detach().requires_grad_() for t in params)
+    if direction == PENALTY_DIRECTION:
+        def call_penalty(_):
+            out = fn(*leaves, scale)
+            return out.detach(), penalty_grads(out, leaves, x.grad_out)
+        return (lambda: None), call_penalty
     if direction == "fwd+bwd":
         def call(_):
             out = fn(*leaves, scale)
@@ -92,6 +97,30 @@ def make_call(fn: Callable, direction: str, x: CaseInputs, scale: float):
     def call_bwd(out):
         return None, torch.autograd.grad(out, leaves, x.grad_out)
     return setup, call_bwd
+
+
+def penalty_grads(out: Tensor, leaves: tuple, grad_out: Tensor) -> tuple:
+    """R1-style double backward: gradients of sum |d<out, grad_out>/dx|^2 over x in (q, k, v).
+    A provider whose backward has no derivative raises NotSupported with the library's reason."""
+    from .providers import NotSupported
+
+    try:
+        first = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
+        penalty = sum(g.float().square().sum() for g in first)
+        return torch.autograd.grad(penalty, leaves, allow_unused=True)
+    except RuntimeError as error:
+        if "not implemented" in str(error) or "does not require grad" in str(error):
+            raise NotSupported(f"no double backward: {str(error).splitlines()[0]}") from error
+        raise
+
+
+def reference_penalty_grads(x: CaseInputs, scale: float) -> tuple:
+    """fp64 gradients of the R1-style penalty (penalty_grads) by fastattn.reference, unchunked
+    (the penalty's key-side gradients sum over every query)."""
+    leaves = tuple(t.detach().to(torch.float64).requires_grad_() for t in (x.q, x.k, x.v))
+    out = reference_attention(*leaves, scale)
+    grads = penalty_grads(out, leaves, x.grad_out.to(torch.float64))
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
 
 
 def _sync(device: torch.device) -> None:
@@ -166,12 +195,15 @@ def accuracy(result, reference, direction: str, dtype: str) -> dict:
     """Max abs errors against the fp64 reference (output; gradients dq, dk, dv together) and
     whether each is elementwise within fastattn.constants.TOLERANCES for the dtype."""
     out, grads = result
-    ref_out, ref_grads = reference
+    ref_out, ref_grads = reference[:2]
+    if direction == PENALTY_DIRECTION:  # the second-order gradients, against reference[2]
+        ref_grads = reference[2]
+        grads = tuple(torch.zeros_like(r) if g is None else g for g, r in zip(grads, ref_grads))
     fields = {}
-    if direction in ("fwd", "fwd+bwd"):
+    if direction in ("fwd", "fwd+bwd", PENALTY_DIRECTION):
         fields["out_err"] = max_abs_error(out, ref_out)
         fields["out_within_tol"] = _within(out, ref_out, dtype)
-    if direction in ("bwd", "fwd+bwd"):
+    if direction != "fwd":
         fields["grad_err"] = max(max_abs_error(g, r) for g, r in zip(grads, ref_grads))
         fields["grad_within_tol"] = all(_within(g, r, dtype) for g, r in zip(grads, ref_grads))
     fields["max_err"] = max(fields.get("out_err", 0.0), fields.get("grad_err", 0.0))

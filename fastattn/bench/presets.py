@@ -17,6 +17,7 @@ from ..shapes import GanShape, gan_shape, gan_shapes
 
 __all__ = [
     "DIRECTIONS",
+    "PENALTY_DIRECTION",
     "DTYPES",
     "PRESETS",
     "Case",
@@ -29,7 +30,10 @@ __all__ = [
     "preset_sites",
 ]
 
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd", "fwd+bwd+bwd2")
+# fwd+bwd+bwd2: a gradient-penalty step (R1-style): forward, a backward with create_graph=True,
+# then the backward of sum |dq|^2 + |dk|^2 + |dv|^2. Run on request (--direction), not by presets.
+PENALTY_DIRECTION = "fwd+bwd+bwd2"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64",
@@ -81,17 +85,22 @@ def attention_flops(site: Site, direction: str) -> int:
     (2 B N M d_qk), dV = dO P (2 B N M d_v), dP = dO^T V (2 B N M d_v), dQ = K dS^T
     (2 B N M d_qk), dK = Q dS (2 B N M d_qk): 2 B N M (3 d_qk + 2 d_v). The naive path does not
     recompute S, but the same count is used for every provider so TFLOP/s compare like for like.
+    The second backward (fastattn.backends.chunked_grad): P again (2 d_qk), dP (2 d_v), C (4 d_qk),
+    dO^T gv (2 d_v), grad v (2 d_v), grad dO (4 d_v), grad q (4 d_qk), grad k (4 d_qk):
+    2 B N M (7 d_qk + 5 d_v).
     """
     pairs = site.B * site.N * site.M
     fwd = 2 * pairs * (site.d_qk + site.d_v)
     bwd = 2 * pairs * (3 * site.d_qk + 2 * site.d_v)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
+    bwd2 = 2 * pairs * (7 * site.d_qk + 5 * site.d_v)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd, PENALTY_DIRECTION: fwd + bwd + bwd2}[direction]
 
 
 def naive_bytes(B: int, N: int, M: int, dtype: torch.dtype, direction: str = "fwd+bwd") -> int:
     """Approximate peak bytes of the naive path's (B, N, M) tensors: logits and probabilities
-    forward; plus the probabilities' and logits' gradients backward."""
-    matrices = 2 if direction == "fwd" else 4
+    forward; plus the probabilities' and logits' gradients backward; a double backward keeps
+    about 12 (measured: tests/test_chunked_grad.py's naive peak is ~13 N x M fp32 matrices)."""
+    matrices = {"fwd": 2, PENALTY_DIRECTION: 12}.get(direction, 4)
     return matrices * B * N * M * torch.empty((), dtype=dtype).element_size()
 
 
@@ -146,7 +155,7 @@ def preset_dtypes(preset: str, device: torch.device) -> list[str]:
 
 
 def preset_directions(preset: str) -> list[str]:
-    return ["fwd", "fwd+bwd"] if preset in ("quick", "stress") else list(DIRECTIONS)
+    return ["fwd", "fwd+bwd"] if preset in ("quick", "stress") else [d for d in DIRECTIONS if d != PENALTY_DIRECTION]
 
 
 _CUSTOM_KEYS = ("B", "N", "M", "d_qk", "d_v")

@@ -126,6 +126,8 @@ def _bound_seconds(record: dict, env: dict) -> float | None:
     per_pair = {"fwd": 2 * (d_qk + d_v) / flop_rate + 1 / BOUND_EXP2_PER_CLOCK_PER_SM,
                 "bwd": 2 * (3 * d_qk + 2 * d_v) / flop_rate + 1 / BOUND_EXP2_PER_CLOCK_PER_SM}
     clocks = per_pair["fwd"] * (record["direction"] != "bwd") + per_pair["bwd"] * (record["direction"] != "fwd")
+    if record["direction"] == "fwd+bwd+bwd2":  # the second backward: see presets.attention_flops
+        clocks += 2 * (7 * d_qk + 5 * d_v) / flop_rate + 1 / BOUND_EXP2_PER_CLOCK_PER_SM
     pairs = record["B"] * record["N"] * record["M"]
     return pairs * clocks / (env["sm_count"] * env["sm_clock_hz"])
 
