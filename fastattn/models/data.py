@@ -1,6 +1,7 @@
-"""Training data for the reference GAN: a folder of the user's images, or a dataset of
+"""Training data for the reference GAN: a folder of the user's images, a dataset of
 procedurally drawn coloured shapes with class labels that the package generates itself (no
-downloads), so that `fastattn train` works out of the box.
+downloads), so that `fastattn train` works out of the box, or scikit-learn's 1,797 handwritten
+digits (shipped inside the scikit-learn package, so also offline), upsampled to the resolution.
 
 Both are held in memory as uint8 (N, 3, R, R) and served as float batches in [-1, 1].
 """
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ImageDataset", "SHAPE_CLASSES", "IMAGE_EXTENSIONS", "shapes_dataset", "folder_dataset",
-           "render_shapes"]
+           "render_shapes", "digits_dataset", "BUILTIN_DATA"]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -99,6 +100,28 @@ def shapes_dataset(resolution: int, n_images: int = 4096, seed: int = 0) -> Imag
     chunks = [_to_uint8(render_shapes(labels[i:i + 256], resolution, generator))
               for i in range(0, n_images, 256)]
     return ImageDataset(torch.cat(chunks), labels, SHAPE_CLASSES, f"generated shapes (seed {seed})")
+
+
+# --data names that are datasets rather than folders (a folder of that name: pass ./NAME)
+BUILTIN_DATA = ("digits",)
+
+
+def digits_dataset(resolution: int) -> ImageDataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, classes 0-9, grey levels 0-16),
+    upsampled bilinearly to `resolution` and repeated over the 3 RGB channels (white on black)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ValueError("--data digits needs scikit-learn: pip install 'fastattn[train]' "
+                         f"(or scikit-learn) ({error})") from None
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                                             align_corners=False).clamp_(0, 1)
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    names = tuple(str(int(n)) for n in digits.target_names)
+    return ImageDataset(_to_uint8(images).expand(-1, 3, -1, -1).contiguous(), labels, names,
+                        "scikit-learn digits (1,797 8x8 images, upsampled)")
 
 
 def _load_image(path: Path, resolution: int) -> Tensor:

@@ -3,6 +3,7 @@
     fastattn train --out runs/shapes                       # generated shapes, 32x32, a few minutes on CPU
     fastattn train --out runs/mine --data ~/pictures --resolution 64 --steps 20000 --device cuda
     fastattn train --out runs/shapes --resume --steps 3000  # continue a run exactly where it stopped
+    fastattn train --out runs/digits --data digits --r1 1 --r1-every 4  # scikit-learn digits, lazy R1
 
 Writes into --out: log.jsonl (one JSON object per step), checkpoint.pt (resumable: models,
 optimizers, RNG states, step), samples/step_XXXXXX.png grids at intervals and at the end,
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import number_type
-from .data import folder_dataset, shapes_dataset
+from .data import digits_dataset, folder_dataset, shapes_dataset
 from .gan import Discriminator, Generator
 from .trainer import GANTrainer
 from .metrics import fd8, frechet_distance, pooled_features
@@ -40,7 +41,7 @@ DEFAULTS = {
     "resolution": 32, "ch": 16, "z_dim": 64, "g_attn_res": 16, "d_attn_res": 16, "attn_pool": False,
     "spectral_norm": True, "conditional": True, "batch_size": 32, "lr_g": 1e-4, "lr_d": 4e-4,
     "beta1": 0.0, "beta2": 0.9, "d_steps": 1, "n_images": 4096, "data": None, "seed": 0,
-    "dtype": "float32",
+    "dtype": "float32", "r1": 0.0, "r1_every": 1,
 }
 DEFAULT_STEPS = 500
 # Settings that may change when resuming (the rest must match the checkpoint).
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("naive", "fastattn"), default="fastattn",
                    help="self-attention implementation (default %(default)s); checkpoints move between them")
     p.add_argument("--backend", default=None, help="fastattn backend to force (default: automatic choice)")
-    p.add_argument("--data", default=None, help="folder of your images (default: generated coloured shapes)")
+    p.add_argument("--data", default=None, help="folder of your images, or `digits` for scikit-learn's "
+                   "handwritten digits (a folder named digits: ./digits) (default: generated coloured shapes)")
     p.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {CHECKPOINT}")
     g = p.add_argument_group("model and data (fixed for a run; defaults in brackets)")
     g.add_argument("--resolution", type=_positive_int, default=None, help=f"image side, a power of two [{d['resolution']}]")
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-images", type=_positive_int, default=None,
                    help=f"size of the generated shapes dataset [{d['n_images']}]")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None, help=f"[{d['dtype']}]")
+    g.add_argument("--r1", type=number_type(float, what="a number >= 0"), default=None, metavar="GAMMA",
+                   help=f"R1 penalty gamma/2 E|grad D(real)|^2 on D, 0 for none [{d['r1']}]")
+    g.add_argument("--r1-every", type=_positive_int, default=None, metavar="K",
+                   help=f"lazy R1: the penalty every K D updates, scaled by K (StyleGAN2) [{d['r1_every']}]")
     o = p.add_argument_group("output")
     o.add_argument("--sample-every", type=_non_negative_int, default=100,
                    help="sample grid, FD8 and loss plot every this many steps, 0: only at the end (default %(default)s)")
@@ -146,6 +152,8 @@ def _load_dataset(parser, config: dict):
     try:
         if config["data"] is None:
             return shapes_dataset(config["resolution"], config["n_images"], config["seed"])
+        if config["data"] == "digits":
+            return digits_dataset(config["resolution"])
         return folder_dataset(config["data"], config["resolution"])
     except ValueError as error:
         parser.error(str(error))
@@ -230,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     G, D = _build_models(parser, config, n_classes, args.attention, args.backend)
     trainer = GANTrainer(G, D, dataset, batch_size=config["batch_size"], lr_g=config["lr_g"], lr_d=config["lr_d"],
                          betas=(config["beta1"], config["beta2"]), d_steps=config["d_steps"], seed=config["seed"],
-                         device=device, dtype=DTYPES[config["dtype"]])
+                         device=device, dtype=DTYPES[config["dtype"]], r1_gamma=config["r1"],
+                         r1_every=config["r1_every"])
     evaluator = _Evaluator(trainer, dataset, config["seed"], args.fd_samples)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config, "attention": args.attention, "backend": args.backend,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .data import ImageDataset
 from .blocks import attention_layers
 from .losses import d_accuracy, hinge_loss_d, hinge_loss_g
+from .penalties import r1_penalty
 
 __all__ = ["GANTrainer", "attention_gamma"]
 
@@ -36,11 +37,15 @@ def _set_requires_grad(model: nn.Module, flag: bool) -> None:
 class GANTrainer:
     def __init__(self, generator: nn.Module, discriminator: nn.Module, dataset: ImageDataset, *,
                  batch_size: int, lr_g: float = 1e-4, lr_d: float = 4e-4, betas=(0.0, 0.9),
-                 d_steps: int = 1, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+                 d_steps: int = 1, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
+                 r1_gamma: float = 0.0, r1_every: int = 1):
         self.device, self.dtype = torch.device(device), dtype
         self.generator = generator.to(self.device, dtype)
         self.discriminator = discriminator.to(self.device, dtype)
         self.dataset, self.batch_size, self.d_steps = dataset, batch_size, d_steps
+        if r1_gamma < 0 or r1_every < 1:
+            raise ValueError(f"r1_gamma must be >= 0 and r1_every >= 1, got {r1_gamma} and {r1_every}")
+        self.r1_gamma, self.r1_every = float(r1_gamma), int(r1_every)
         self.n_classes = getattr(generator, "n_classes", 0)
         self.z_dim = generator.z_dim
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas))
@@ -68,15 +73,23 @@ class GANTrainer:
         G.train()
         D.train()
         _set_requires_grad(D, True)
-        for _ in range(self.d_steps):
+        r1 = None
+        for i in range(self.d_steps):
             real, y_real = self.real_batch()
             z, y_fake = self.fake_inputs(self.batch_size)
             with torch.no_grad():
                 fake = G(z, y_fake)
+            regularise = self.r1_gamma > 0 and (self.step * self.d_steps + i) % self.r1_every == 0
+            real.requires_grad_(regularise)
             d_real, d_fake = D(real, y_real), D(fake, y_fake)
             loss_d = hinge_loss_d(d_real, d_fake)
+            total = loss_d
+            if regularise:
+                penalty = r1_penalty(d_real, real)
+                total = loss_d + (0.5 * self.r1_gamma * self.r1_every) * penalty
+                r1 = float(penalty.detach())
             self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            total.backward()
             self.opt_d.step()
         _set_requires_grad(D, False)  # the generator step needs no gradient for D's weights
         z, y = self.fake_inputs(self.batch_size)
@@ -95,6 +108,7 @@ class GANTrainer:
             "d_acc": d_accuracy(d_real.detach(), d_fake.detach()),
             "gamma_g": attention_gamma(G),
             "gamma_d": attention_gamma(D),
+            "r1": r1,  # E|grad_x D(x)|^2 on reals at the last regularised D update of this step, else None
         }
 
     @torch.no_grad()
