@@ -13,6 +13,11 @@ import torch
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
 # 8 MiB is fastest at both. Not tuned on CUDA (no GPU yet); there the triton backend is the default.
 TORCH_CHUNK_BYTES = 8 * 2**20
+# Bytes per (B x chunk x M) buffer in the double backward (backends/chunked_grad.py), which holds
+# four such buffers. Same as TORCH_CHUNK_BYTES: at (B=4, d_qk=16, N=4096, M=1024, d_v=64), fp32
+# fwd+bwd+bwd2 (2-core EPYC dev VM, shared, load 5-7, 2 runs each): 1 MiB 2.8/3.5 s, 2 MiB 3.9/1.6 s,
+# 4 MiB 2.1/1.6 s, 8 MiB 2.2/1.8 s, naive 3.2/3.7 s; no budget is clearly faster at this noise.
+DOUBLE_BACKWARD_CHUNK_BYTES = 8 * 2**20
 
 # --- accuracy ------------------------------------------------------------------------------
 # Tolerances for comparing a result in `dtype` against an fp64 reference of the same inputs:

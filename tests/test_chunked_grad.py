@@ -19,6 +19,12 @@ def make(B, d_qk, N, M, d_v, dtype=torch.float64, seed=0):
             for d, n in ((d_qk, N), (d_qk, M), (d_v, M))]
 
 
+def small_chunks(monkeypatch, nbytes):
+    """Chunk budgets of the first-order and the double backward, so that both walk several chunks."""
+    monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", nbytes)
+    monkeypatch.setattr(constants, "DOUBLE_BACKWARD_CHUNK_BYTES", nbytes)
+
+
 def attention_fn(backend, scale):
     def fn(q, k, v):
         if backend is None:
@@ -44,7 +50,7 @@ AWKWARD = [(2, 3, 7, 5, 6), (1, 1, 9, 4, 3), (2, 10, 5, 3, 5)]
 
 @pytest.mark.parametrize("shape", AWKWARD, ids=lambda s: "B{}_dqk{}_N{}_M{}_dv{}".format(*s))
 def test_gradgradcheck_fp64_torch_backend_over_several_chunks(shape, monkeypatch):
-    monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 2 * shape[0] * shape[3] * 8)  # 2 rows a chunk
+    small_chunks(monkeypatch, 2 * shape[0] * shape[3] * 8)  # 2 rows a chunk
     q, k, v = make(*shape)
     assert torch.autograd.gradgradcheck(attention_fn("torch", 0.6), (q, k, v))
 
@@ -60,7 +66,7 @@ def test_double_backward_graph_runs_through_the_chunked_first_order_op():
                          ids=lambda c: "".join(n for n, u in zip(("q", "k", "v"), c) if u))
 def test_penalty_on_any_subset_of_gradients_matches_naive_fp64(on, monkeypatch):
     """Upstream gradients that are None (no penalty on dq, dk or dv) take the skipping paths."""
-    monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 3 * 2 * 6 * 8)
+    small_chunks(monkeypatch, 3 * 2 * 6 * 8)
     q, k, v = make(2, 4, 11, 6, 5)
     weight = torch.randn(2, 5, 11, dtype=torch.float64)
     got = penalty_grads(attention_fn("torch", 0.8), q, k, v, on, weight)
@@ -122,7 +128,7 @@ def _r1_peak_bytes(fn, q, k, v):
 def test_r1_double_backward_peak_memory_is_a_fraction_of_naive(monkeypatch, one_thread):
     N, M = 512, 256
     budget = 16 * 1024  # 16 query rows per (1, rows, 256) fp32 buffer: 32 chunks
-    monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", budget)
+    small_chunks(monkeypatch, budget)
     q, k, v = make(1, 8, N, M, 16, torch.float32)
     naive = _r1_peak_bytes(attention_fn(None, 1.0), q, k, v)
     ours = _r1_peak_bytes(attention_fn("torch", 1.0), q, k, v)
@@ -146,7 +152,7 @@ def test_gradgradcheck_triton_backend_fp32_loose(monkeypatch):
     """Triton has no fp64, so the check runs in fp32 with finite-difference tolerances; the
     second-order math itself is checked exactly in fp64 on the torch backend above."""
     _interpreted_triton()
-    monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 2 * 3 * 4)  # 2 rows a chunk
+    small_chunks(monkeypatch, 2 * 3 * 4)  # 2 rows a chunk
     q, k, v = make(1, 1, 5, 3, 3, torch.float32, seed=1)  # d_qk 1, ragged
     with pytest.warns(UserWarning):  # gradcheck warns about fp32 inputs
         assert torch.autograd.gradgradcheck(attention_fn("triton", 0.6), (q, k, v), eps=1e-2, atol=2e-2, rtol=2e-2,
