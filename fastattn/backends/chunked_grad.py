@@ -3,8 +3,11 @@
 The first backward, (q, k, v, dO, dlse) -> (dq, dk, dv), is its own autograd.Function,
 `FirstOrderGrads`. Its forward is a backend's own first-order backward (the torch backend's
 chunked one, or the Triton kernels); its backward recomputes the probabilities query chunk by
-query chunk from the per-query log-sum-exp and forms the second-order terms in the same chunks.
-It saves q, k, v, O, dO, dlse and lse only: O(B (N + M) d), never an N x M tensor, and four
+query chunk and forms the second-order terms in the same chunks. A chunk holds whole rows, so
+it computes their softmax from scratch (row max, exp, row sum): it needs none of the forward's
+saved statistics, and the largest probability of a row is exactly exp(0) as in the naive
+softmax (no lse rounding, which hurts with unscaled GAN logits of 1e4).
+It saves q, k, v, O, dO and dlse only: O(B (N + M) d), never an N x M tensor, and four
 (B, chunk, M) buffers live at a time (constants.DOUBLE_BACKWARD_CHUNK_BYTES each).
 
 Math, per batch, with channel-major q (d_qk, N), k (d_qk, M), v (d_v, M), dO (d_v, N) and
@@ -34,8 +37,8 @@ from ..reference import accumulation_dtype
 
 __all__ = ["FirstOrderGrads", "first_order_grads", "second_order_grads"]
 
-# first_order(q, k, v, out, lse, grad_out, grad_lse, scale, needs) -> (dq, dk, dv): a backend's
-# own non-differentiable backward; entries whose `needs` is False may be None.
+# first_order(grad_out, grad_lse) -> (dq, dk, dv): a backend's own non-differentiable backward
+# (closing over its saved statistics); entries whose `needs` is False may be None.
 FirstOrder = Callable[..., tuple]
 
 
@@ -49,7 +52,7 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
 
-def second_order_grads(q, k, v, out, grad_out, grad_lse, lse, scale, g_dq, g_dk, g_dv, needs):
+def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv, needs):
     """Gradients of <g_dq, dq> + <g_dk, dk> + <g_dv, dv> with respect to
     (q, k, v, grad_out, grad_lse), for the `needs` that are True; None elsewhere.
     Any of g_dq, g_dk, g_dv may be None (zero). Four (B, chunk, M) buffers, reused across chunks;
@@ -65,7 +68,6 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, lse, scale, g_dq, g_dk,
     neg_delta = -(grad_out.to(acc) * out.to(acc)).sum(dim=1)
     if grad_lse is not None:
         neg_delta += grad_lse.to(acc)
-    neg_lse = -lse.to(acc)
     g_dv = g_dv.to(acc) if g_dv is not None else None
     has_c = g_dq is not None or g_dk is not None  # C = 0 without gradients on dq and dk
     # C = [gq; q]^T [scale k; scale gk]: one bmm over 2 d_qk channels (or d_qk when one is absent)
@@ -92,7 +94,10 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, lse, scale, g_dq, g_dk,
         do_c = grad_out[:, :, start:stop].to(acc)
         gq_c = g_dq[:, :, start:stop].to(acc) if g_dq is not None else None
         p, dpm, cc, aux = (buffer(i, r) for i in range(4))
-        torch.baddbmm(neg_lse[:, start:stop, None], _t(q_c), k_acc, alpha=scale, out=p).exp_()
+        # P from scratch: each chunk holds whole rows, so their max and sum need no saved statistics
+        torch.baddbmm(p, _t(q_c), k_acc, beta=0.0, alpha=scale, out=p)
+        p.sub_(p.amax(dim=-1, keepdim=True)).exp_()
+        p.div_(p.sum(dim=-1, keepdim=True))
         torch.baddbmm(neg_delta[:, start:stop, None], _t(do_c), v_acc, out=dpm)  # dP - delta
         if has_c:
             c_queries = torch.cat([t for t in (gq_c, q_c if g_dk is not None else None) if t is not None], dim=1)
@@ -144,10 +149,10 @@ class FirstOrderGrads(torch.autograd.Function):
     """(dq, dk, dv) of attention as a differentiable function of (q, k, v, grad_out, grad_lse)."""
 
     @staticmethod
-    def forward(ctx, first_order, q, k, v, grad_out, grad_lse, out, lse, scale, needs):
+    def forward(ctx, first_order, q, k, v, out, grad_out, grad_lse, scale, needs):
         with torch.autocast(q.device.type, enabled=False):
-            grads = first_order(q, k, v, out, lse, grad_out, grad_lse, scale, needs)
-        ctx.save_for_backward(q, k, v, out, grad_out, grad_lse, lse)
+            grads = first_order(grad_out, grad_lse)
+        ctx.save_for_backward(q, k, v, out, grad_out, grad_lse)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
         return tuple(g if need else None for g, need in zip(grads, needs))
@@ -155,18 +160,19 @@ class FirstOrderGrads(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_dq, g_dk, g_dv):
-        q, k, v, out, grad_out, grad_lse, lse = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[1:6])
+        q, k, v, out, grad_out, grad_lse = ctx.saved_tensors
+        needs = (*ctx.needs_input_grad[1:4], *ctx.needs_input_grad[5:7])
         with torch.autocast(q.device.type, enabled=False):
-            grads = second_order_grads(q, k, v, out, grad_out, grad_lse, lse, ctx.scale, g_dq, g_dk, g_dv, needs)
-        return (None, *grads, None, None, None, None)
+            grads = second_order_grads(q, k, v, out, grad_out, grad_lse, ctx.scale, g_dq, g_dk, g_dv, needs)
+        grad_q, grad_k, grad_v, grad_do, grad_dlse = grads
+        return None, grad_q, grad_k, grad_v, None, grad_do, grad_dlse, None, None
 
 
-def first_order_grads(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def first_order_grads(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                       grad_out: Tensor, grad_lse: Optional[Tensor], scale: float, needs) -> tuple:
     """(dq, dk, dv) with a graph whose backward never holds more than a chunk of probabilities:
-    for create_graph=True (double backward). `first_order` computes the values (the backend's
-    own backward); `out` and `lse` are the forward's saved results (no gradient flows to them)."""
+    for create_graph=True (double backward). `first_order(grad_out, grad_lse)` computes the
+    values with the backend's own backward (from whatever statistics its forward saved); `out` is
+    the forward's output (no gradient flows to it; delta = rowsum(grad_out * out) - grad_lse)."""
     needs = tuple(bool(n) for n in needs)
-    return FirstOrderGrads.apply(first_order, q, k, v, grad_out, grad_lse, out.detach(), lse.detach(),
-                                 float(scale), needs)
+    return FirstOrderGrads.apply(first_order, q, k, v, out.detach(), grad_out, grad_lse, float(scale), needs)

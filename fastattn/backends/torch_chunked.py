@@ -171,7 +171,9 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs):
         if torch.is_grad_enabled():
-            return first_order_grads(_backward, q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs) + (None,)
+            def first_order(grad_out, grad_lse):
+                return _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs)
+            return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None,)
         return _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs) + (None,)
 
 

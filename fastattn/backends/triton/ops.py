@@ -113,13 +113,6 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.precision = scale, precision
 
 
-def _kernel_grads(precision: str):
-    """The kernels' backward in chunked_grad's first-order signature."""
-    def first_order(q, k, v, out, lse, grad_out, grad_lse, scale, needs):
-        return attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, scale, precision)
-    return first_order
-
-
 def _attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out is None:
@@ -129,8 +122,9 @@ def _attention_grad(ctx, grad_out, grad_lse):
         # still come from the kernels; their derivative is chunked_grad's chunked recompute in
         # PyTorch (bmm on the same device), which holds one chunk of probabilities at a time.
         needs = tuple(t.requires_grad for t in (q, k, v))
-        return first_order_grads(_kernel_grads(ctx.precision), q, k, v, out, lse, grad_out, grad_lse,
-                                 ctx.scale, needs) + (None, None)
+        def first_order(grad_out, grad_lse):
+            return attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)
+        return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None, None)
     dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)
     return dq, dk, dv, None, None
 
