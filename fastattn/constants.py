@@ -17,7 +17,7 @@ TORCH_CHUNK_BYTES = 8 * 2**20
 # --- accuracy ------------------------------------------------------------------------------
 # Tolerances for comparing a result in `dtype` against an fp64 reference of the same inputs:
 # |got - ref| <= atol + rtol * |ref|. Chosen from the error plain PyTorch itself makes in that
-# dtype on the gan_shapes sites with unit-variance inputs (tests/test_parity.py prints it):
+# dtype on the gan_shapes sites with unit-variance inputs (tests/backends/test_torch_chunked.py prints both errors):
 # fp32 ~1e-6, fp16 ~1e-3, bf16 ~8e-3 relative. The margins cover sums over M up to 16384.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-9},
@@ -37,7 +37,7 @@ ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, t
 # The Triton kernels' launch configurations (tile sizes, warps, pipeline stages) and the rules
 # that prune them are a table of their own, kernels/configs.py (fastattn.kernels.configs), with
 # their provenance there: their register fit was measured by compiling for sm_90/sm_80 without a
-# GPU (tests/test_triton_compile.py); their timing awaits a GPU run. The Triton backend adds no
+# GPU (tests/backends/triton/test_triton_compile.py); their timing awaits a GPU run. The Triton backend adds no
 # tolerance: its tests use the accuracy rule above.
 
 # --- benchmarks (fastattn bench) ------------------------------------------------------------
@@ -81,13 +81,13 @@ BENCH_REGRESSION_RATIO = 2.4
 # families whose originals accept odd sizes. Chosen, not measured: a few dozen pixels still tell
 # every known variant apart, and the probe costs 6-12 ms per layer of the tests' families at C=64
 # on the 2-core CPU dev machine (about half of it the training-mode pass and its two copies)
-# (tests/test_swap.py: old heykeetae forks, scaled logits, ceil vs floor pooling, a dropout on
+# (tests/swap/test_swap_families.py: old heykeetae forks, scaled logits, ceil vs floor pooling, a dropout on
 # the attention map in training).
 SWAP_PROBE_SIZES = ((6, 4), (5, 3))
 SWAP_PROBE_SCALAR = 0.75
 SWAP_PROBE_SEED = 0
 
-# --- reference GAN (fastattn.models, tests/test_models_parity.py) ----------------------------
+# --- reference GAN (fastattn.models, tests/models/test_gan_parity.py) ----------------------------
 # Largest difference allowed between the losses (and mean D logits) of a naive-layer run and a
 # fastattn run of the reference GAN from the same weights, batches and noise, over the first 6
 # training steps, as |a - b| / max(|a|, |b|, 1) (relative, absolute below 1: hinge losses pass

@@ -18,7 +18,7 @@ per pair, about +50% at the BigGAN sites (d_qk 24, d_v 96), against the atomic p
 to its 4 M pairs). By that count one pass should win when d_qk is small, as in every GAN site,
 so the autotuner's table lists it first; but atomics make dQ's summation order, hence its last
 bits, vary from run to run, so the fixed (deterministic) configuration uses two passes.
-Registers (offline sm_90 compile, tests/test_triton_compile.py): the dQ partial costs the
+Registers (offline sm_90 compile, tests/backends/triton/test_triton_compile.py): the dQ partial costs the
 one-pass dK/dV program registers, so at 4 warps it fits only with 16-query steps (64x32 spilled
 224 B); at 8 warps 128x32 fits either way.
 PENDING GPU MEASUREMENT: time both variants' full backward on the gan_shapes sites (bf16 and

@@ -10,7 +10,7 @@ GPU session should time every entry on the gan_shapes sites (the autotuner keeps
 `fastattn.kernels.autotune.tuned_configs()` shows them), drop entries that never win and record
 the numbers here. Register fit: MEASURED OFFLINE, by compiling every kernel variant for sm_90
 with Triton 3.9 and reading the cubin's resource usage (cuobjdump -res-usage; the same check
-runs in tests/test_triton_compile.py). At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
+runs in tests/backends/triton/test_triton_compile.py). At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
   forward  128x64/8 warps 228 regs, 128x32/8w 175, 64x64/4w 226, 64x32/4w 186: no spills;
            128x128/8w and 64x128/4w spill; in fp32 (FMA dots) only block_m <= 32 fits.
   dK/dV    keys x query-step: 128x32/8w 220-246 regs and 64x32/4w 254 and 64x16/4w 232: no

@@ -14,7 +14,7 @@ first value split stores the lse, which every split computes identically.
 
 UNMASKED_FULL_TILES (fp16/bf16): full key tiles skip the key mask and only the ragged last tile
 is masked. For fp32 (FMA dots) the second inlined copy of the step pushed every tile size
-into register spills in the offline compile (tests/test_triton_compile.py), so fp32 keeps one
+into register spills in the offline compile (tests/backends/triton/test_triton_compile.py), so fp32 keeps one
 masked loop.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ from gan_families import (PARTIAL_MATCHES, Attention, AttentionWithNorm, ScaledS
 
 BIGGAN_WITH_NORM = AttentionFamily(
     "biggan_with_norm", "theta", "phi", "g", "o", "gamma", (), pool="floor", extra_forward_args=1,
-    after_residual=("norm",), source="tests/gan_families.py AttentionWithNorm")
+    after_residual=("norm",), source="tests/swap/gan_families.py AttentionWithNorm")
 
 
 @pytest.fixture

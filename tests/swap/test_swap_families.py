@@ -1,6 +1,6 @@
 """swap_attention on each layer family of GAN_LAYERS.md: swapped vs the user's original forward.
 
-Every family replica (tests/gan_families.py) is built, its residual scalar set non-zero, deep
+Every family replica (tests/swap/gan_families.py) is built, its residual scalar set non-zero, deep
 copied and the copy swapped; both then see the same input in fp64 and fp32, train and eval mode:
 outputs, attention rows, the gradients of the input and of every parameter, the spectral-norm
 buffers after a training step, and the state_dict both ways must agree.

@@ -5,7 +5,7 @@ ERROR_RATIO_OUT (out, lse) / ERROR_RATIO_GRAD (gradients) times the naive PyTorc
 in the same dtype, plus ERROR_FLOOR. Shapes are small (every program runs in numpy) but cover
 d_qk in {3, 8, 10, 24}, d_v in {5, 40, 96, 300}, odd N, M != N, M = 1, M below the 16-key tile,
 and the strided views attention layers produce. bf16 is GPU-only: the interpreter cannot run
-bf16 tl.dot (tests/test_triton_gpu.py covers it).
+bf16 tl.dot (tests/backends/triton/test_triton_gpu.py covers it).
 """
 import dataclasses
 import zlib

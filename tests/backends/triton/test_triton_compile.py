@@ -1,6 +1,6 @@
 """The kernels compile for real NVIDIA targets, and the fixed configurations do not spill.
 
-The interpreter (tests/test_triton_interpreter.py) checks the maths but not what only the
+The interpreter (tests/backends/triton/test_triton_interpreter.py) checks the maths but not what only the
 compiler checks (constexpr globals, tl.dot shape rules, layouts, register pressure). Triton can
 compile for a CUDA target without a GPU: this file runs the real launchers on meta tensors with
 a recording `kernel_call`, compiles every recorded launch with triton.compile for sm_90 (and
@@ -8,7 +8,7 @@ sm_80), and reads registers and spill stack from the cubin with the cuobjdump th
 Triton. It runs in a subprocess because conftest.py switches the interpreter on in this one.
 
 Run as a script to survey every autotuning candidate at a site (a development aid):
-    python tests/test_triton_compile.py biggan128_G bf16 90
+    python tests/backends/triton/test_triton_compile.py biggan128_G bf16 90
 """
 import json
 import os

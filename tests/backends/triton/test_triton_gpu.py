@@ -1,7 +1,7 @@
 """The Triton kernels on a CUDA device, at the real attention-GAN sizes (small batch).
 
 On a GPU machine the plain test command runs them (tests/conftest.py leaves TRITON_INTERPRET
-unset when CUDA is available); just this file: python -m pytest -q -m gpu tests/test_triton_gpu.py.
+unset when CUDA is available); just this file: python -m pytest -q -m gpu tests/backends/triton/test_triton_gpu.py.
 They skip without CUDA, and the whole file skips when the kernels were built by the interpreter.
 
 Most tests pin the fixed configuration (FASTATTN_TRITON_CONFIG=fixed) so that the file compiles
