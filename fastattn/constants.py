@@ -11,7 +11,7 @@ import torch
 # forward+backward, B=1:       budget MiB:  1      2      4      8      16     32     64
 #   biggan256_G128 (N=16384, M=4096)        0.549  0.529  0.504  0.477  0.485  0.610  0.624 s
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
-# 8 MiB is fastest at both. Not tuned on CUDA (no GPU yet); there the triton backend is the default.
+# 8 MiB is fastest at both. Not measured on CUDA, where automatic choice takes the triton backend.
 TORCH_CHUNK_BYTES = 8 * 2**20
 
 # --- accuracy ------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, t
 # The Triton kernels' launch configurations (tile sizes, warps, pipeline stages) and the rules
 # that prune them are a table of their own, kernels/configs.py (fastattn.kernels.configs), with
 # their provenance there: their register fit was measured by compiling for sm_90/sm_80 without a
-# GPU (tests/backends/triton/test_triton_compile.py); their timing awaits a GPU run. The Triton backend adds no
+# GPU (tests/backends/triton/test_triton_compile.py); their timing has not been measured on a GPU. The Triton backend adds no
 # tolerance: its tests use the accuracy rule above.
 
 # --- benchmarks (fastattn bench) ------------------------------------------------------------
