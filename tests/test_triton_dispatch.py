@@ -104,10 +104,10 @@ def test_forward_and_backward_ops_pass_opcheck_under_the_interpreter():
 
     q, k, v = _qkv(d_qk=10, n=19, m=7, d_v=24)
     torch.library.opcheck(attention_forward_op, (q, k, v, 0.5, "ieee"))
-    out, lse = attention_forward_op(q, k, v, 0.5, "ieee")
+    out, lse, stats = attention_forward_op(q, k, v, 0.5, "ieee")
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    torch.library.opcheck(attention_backward_op, (grad_out, grad_lse, q, k, v, out, lse, 0.5, "ieee"))
-    torch.library.opcheck(attention_backward_op, (grad_out, None, q, k, v, out, lse, 0.5, "ieee"))
+    torch.library.opcheck(attention_backward_op, (grad_out, grad_lse, q, k, v, out, stats, 0.5, "ieee"))
+    torch.library.opcheck(attention_backward_op, (grad_out, None, q, k, v, out, stats, 0.5, "ieee"))
 
 
 @needs_interpreter
