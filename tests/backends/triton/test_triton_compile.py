@@ -55,6 +55,7 @@ def _compile_launches(site, dtype_name, arch, which):
     q, k, v = (torch.empty(2, s.d_qk, s.N, **meta), torch.empty(2, s.d_qk, s.M, **meta),
                torch.empty(2, s.d_v, s.M, **meta))
     out, lse = torch.empty(2, s.d_v, s.N, **meta), torch.empty(2, s.N, device="meta")
+    stats = torch.empty(2, 2, s.N, device="meta")
     launches = []
 
     class record:  # noqa: N801 - stands in for torch.library.wrap_triton: record(kernel)[grid](...)
@@ -66,9 +67,9 @@ def _compile_launches(site, dtype_name, arch, which):
 
     d_pad, dv_pad = cfg.pad_width(s.d_qk), cfg.pad_width(s.d_v)
     for c in fwd:
-        launch_forward(record, q, k, v, out, lse, 1.0, "ieee", c, d_pad)
+        launch_forward(record, q, k, v, out, lse, stats, 1.0, "ieee", c, d_pad)
     for c in bwd:
-        launch_backward(record, out, lse, q, k, v, out, lse, 1.0, "ieee", c, d_pad, dv_pad)
+        launch_backward(record, out, lse, q, k, v, out, stats, 1.0, "ieee", c, d_pad, dv_pad)
 
     pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
