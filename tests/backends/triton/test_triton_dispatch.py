@@ -210,3 +210,25 @@ def test_strided_views_whose_in_sample_span_passes_int32_are_refused():
     reasons = " ".join(get_backend("triton").unsupported(q, k, v))
     assert "int32 in-sample offsets" in reasons and f"spans {1 + 3 * 2**30 + 15} elements" in reasons
     assert "int32" not in " ".join(get_backend("triton").unsupported(q.contiguous(), k, v))
+
+
+def test_autotuned_shape_seen_before_skips_candidates_and_device_query(monkeypatch):
+    # the autotuned path, driven on CPU: a cached key must return before any per-call work
+    from fastattn.kernels import autotune
+
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    monkeypatch.setattr(autotune, "_TUNED", {})
+    q, k, v = _qkv(d_qk=8, n=20, m=12, d_v=16)
+    calls = []
+
+    def candidates(table, *args, **kwargs):
+        calls.append("candidates")
+        return [table[0]]
+
+    monkeypatch.setattr(autotune, "_shared_bytes", lambda device: calls.append("device") or None)
+    first = autotune._config("forward", q, v, "ieee", lambda c: None, candidates, None)
+    assert calls == ["device", "candidates"]
+    calls.clear()
+    assert autotune._config("forward", q, v, "ieee", lambda c: None, candidates, None) is first
+    assert calls == []
