@@ -614,18 +614,16 @@ class DropoutOnMap(WrappedConvSelfAttention):
 
 
 class BiasOnLogits(GroupNormAttnBlock):
-    """A learned bias added to the logits (a relative-position bias)."""
-
-    def __init__(self, in_channels, n=16):
-        super().__init__(in_channels)
-        self.rel_bias = nn.Parameter(torch.randn(n, n) * 0.1)
+    """A distance penalty added to the logits (ALiBi-like, a bias that depends on positions)."""
 
     def forward(self, x):
         h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
+        pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        pos = pos.reshape(h * w, 2).to(x.dtype)
         w_ = torch.bmm(q.reshape(b, c, h * w).permute(0, 2, 1), k.reshape(b, c, h * w)) * c ** -0.5
-        w_ = F.softmax(w_ + self.rel_bias, dim=2)
+        w_ = F.softmax(w_ - torch.cdist(pos, pos), dim=2)
         h_ = torch.bmm(v.reshape(b, c, h * w), w_.permute(0, 2, 1)).reshape(b, c, h, w)
         return x + self.proj_out(h_)
 
@@ -682,7 +680,7 @@ class NoTransposeOldFork(NoResidualAttention):
 #: name -> (builder(seed), input (C, H, W), regex the skip reason must match)
 REFUSED = {
     "dropout_on_map": (_seeded(DropoutOnMap, 16), (16, 4, 4), r"dropout"),
-    "bias_on_logits": (_seeded(BiasOnLogits, 16), (16, 4, 4), r"added to the logits|\badd\b"),
+    "bias_on_logits": (_seeded(BiasOnLogits, 16), (16, 4, 4), r"subtracted from the logits"),
     "masked_logits": (_seeded(MaskedLogits, 16), (16, 4, 4), r"mask"),
     "sdpa_with_mask": (_seeded(SDPAWithMask, 16), (16, 4, 4), r"mask"),
     "uses_context": (_seeded(UsesContext, 16), (16, 4, 4), r"context"),
