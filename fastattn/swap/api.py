@@ -6,7 +6,7 @@ the fast path: names and shapes of a known family), else by what its forward com
 way it is verified by the probe (`probe.py`) and swapped by replacing `forward` on the instance
 (`forward.py`); `handle.revert()` (`handle.py`) gives it its own forward back.
 
-Which modules are traced: those whose class code mentions softmax or
+Which modules are traced: those whose class's own methods call softmax or
 scaled_dot_product_attention, or that hold an nn.Softmax child, and are not torch.nn's own. A
 module whose forward mentions attention only through children (a generator, a residual block) is
 not traced: its attention children are found themselves. Once a module is swapped by capture, its
@@ -14,8 +14,6 @@ descendants run inside its forward and are left as they are.
 """
 from __future__ import annotations
 
-import inspect
-import re
 import warnings
 
 from torch import nn
@@ -51,21 +49,32 @@ class _Unset:
 _UNSET = _Unset()  # backend= not passed
 
 
-_ATTENTION_CODE = re.compile(r"softmax|scaled_dot_product_attention")
+_ATTENTION_NAMES = {"softmax", "Softmax", "scaled_dot_product_attention"}
+
+
+def _code_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):  # nested functions and comprehensions
+            names |= _code_names(const)
+    return names
 
 
 def _traceable_candidate(module: nn.Module) -> bool:
-    """Whether the module looks like it computes attention itself (see the module docstring)."""
+    """Whether the module looks like it computes attention itself (see the module docstring):
+    its class's own methods name softmax / scaled_dot_product_attention in their bytecode (works
+    without source files, e.g. for classes defined in a notebook or exec), or it holds an
+    nn.Softmax child."""
     cls = type(module)
     if cls.__module__.startswith("torch.") or cls.__module__.startswith("fastattn."):
         return False
     if any(isinstance(child, nn.Softmax) for child in module.children()):
         return True
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return False
-    return bool(_ATTENTION_CODE.search(source))
+    for value in vars(cls).values():
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None and _code_names(code) & _ATTENTION_NAMES:
+            return True
+    return False
 
 
 def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bool = False,
