@@ -70,13 +70,14 @@ BOUND_EXP2_PER_CLOCK_PER_SM = 16
 # Re-measure on a GPU, where timings are far steadier, and pass --regression-ratio there.
 BENCH_REGRESSION_RATIO = 2.4
 
-# --- swap_attention probe (fastattn/swap.py) --------------------------------------------------
+# --- swap_attention probe (fastattn/swap/probe.py) ---------------------------------------------
 # Before swapping a layer, its original forward and fastattn's run on random inputs of these
-# (H, W) sizes (batch 2, the layer's C), on deep copies with the residual scalar set to this value
-# (not 0: the layer would be the identity; not 1: `o + x` would pass for `gamma * o + x`): once in
-# eval mode, then in training mode, where the original and fastattn's forward each run on their
-# own copy from RNG seed SWAP_PROBE_SEED (so SN power iterations advance alike on both, and a
-# dropout in the original shows up as a difference; the caller's RNG state is restored after).
+# (H, W) sizes (batch 2, the layer's C), in eval and in training mode, every call on its own fresh
+# deep copy with the residual scalar (for captured layers: every one-element parameter that is 0)
+# set to this value (not 0: the layer would be the identity; not 1: `o + x` would pass for
+# `gamma * o + x`), each from RNG seed SWAP_PROBE_SEED (so spectral norms that update on every
+# call advance alike on both, and a dropout in the original shows up as a difference; the
+# caller's RNG state is restored after). Captured layers are also traced on the first size.
 # The first size is even so every family runs it; the odd one checks the pooling rule of the
 # families whose originals accept odd sizes. Chosen, not measured: a few dozen pixels still tell
 # every known variant apart, and the probe costs 6-12 ms per layer of the tests' families at C=64
