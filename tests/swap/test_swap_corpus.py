@@ -1,4 +1,4 @@
-"""Capture by computation on the corpus (tests/swap_corpus.py): every layer is swapped and, in fp64,
+"""Capture by computation on the corpus (tests/swap/swap_corpus.py): every layer is swapped and, in fp64,
 its outputs, input and parameter gradients, spectral-norm state after a training step, state_dict
 and revert equal the unswapped original's; the look-alikes are refused with their reasons."""
 import re
