@@ -1,12 +1,11 @@
-"""R1 gradient penalty in the reference GAN (`fastattn train --r1`, lazy with --r1-every) and the
-scikit-learn digits dataset (`--data digits`)."""
+"""R1 gradient penalty in the reference GAN (fastattn.models.penalties; `fastattn train --r1`, lazy
+with --r1-every), trained on the scikit-learn digits."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastattn.models.data import digits_dataset
 from fastattn.models.train import main
 
 pytest.importorskip("sklearn")
@@ -23,14 +22,6 @@ def _log(out: Path) -> list[dict]:
 
 def _trainer_state(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", weights_only=False)["trainer"]
-
-
-def test_digits_dataset_is_ten_classes_of_upsampled_grey_digits():
-    data = digits_dataset(16)
-    assert data.images.shape == (1797, 3, 16, 16) and data.images.dtype == torch.uint8
-    assert data.class_names == tuple("0123456789") and sorted(set(data.labels.tolist())) == list(range(10))
-    assert torch.equal(data.images[:, 0], data.images[:, 2])  # grey: the same in every channel
-    assert data.images.max() > 200 and data.images.min() == 0
 
 
 def test_lazy_r1_run_logs_the_penalty_on_regularised_steps_and_resumes_exactly(tmp_path):
