@@ -79,3 +79,21 @@ def test_tflops_and_percent_of_bound_follow_the_hopper_clock_model():
     assert abs(record["pct_of_bound"] - 50.0) < 1e-9
     assert abs(record["tflops"] - 2 * pairs * 128 / (2 * bound_s) / 1e12) < 1e-9
     assert fp32["pct_of_bound"] is None  # the bound is for fp16/bf16 tensor cores only
+
+
+def test_penalty_direction_counts_the_second_backward_and_checks_second_order_grads():
+    from fastattn import spatial_attention
+    from fastattn.bench.presets import PENALTY_DIRECTION
+
+    site = Site("p", 2, 30, 11, 4, 6, 2)
+    assert attention_flops(site, PENALTY_DIRECTION) == 2 * 2 * 30 * 11 * (11 * 4 + 8 * 6)
+    x = measure.make_inputs(site, "float32", torch.device("cpu"), seed=2)
+    reference = measure.reference_results(x, 1.0, need_grads=True) + (measure.reference_penalty_grads(x, 1.0),)
+    for fn in (reference_attention, lambda q, k, v, s: spatial_attention(q, k, v, scale=s, backend="torch")):
+        setup, call = measure.make_call(fn, PENALTY_DIRECTION, x, 1.0)
+        result = measure.accuracy(call(setup()), reference, PENALTY_DIRECTION, "float32")
+        assert result["out_within_tol"] and result["grad_err"] < 1e-3, result
+    first_order_only = measure.make_call(reference_attention, "fwd+bwd", x, 1.0)
+    out, grads = first_order_only[1](None)
+    wrong = measure.accuracy((out, grads), reference, PENALTY_DIRECTION, "float32")
+    assert not wrong["grad_within_tol"]  # first-order grads are not the penalty's
