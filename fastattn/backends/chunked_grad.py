@@ -68,11 +68,14 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv
     neg_delta = -(grad_out.to(acc) * out.to(acc)).sum(dim=1)
     if grad_lse is not None:
         neg_delta += grad_lse.to(acc)
+    g_dk = g_dk.to(acc) if g_dk is not None else None
     g_dv = g_dv.to(acc) if g_dv is not None else None
     has_c = g_dq is not None or g_dk is not None  # C = 0 without gradients on dq and dk
-    # C = [gq; q]^T [scale k; scale gk]: one bmm over 2 d_qk channels (or d_qk when one is absent)
-    c_keys = torch.cat([t for t, g in ((k_scaled, g_dq), (g_dk.to(acc) * scale if g_dk is not None else None, g_dk))
-                        if g is not None], dim=1) if has_c else None
+    # C = [gq; q]^T [scale k; scale gk]: one bmm over 2 d_qk channels (d_qk when one is absent)
+    c_keys = [k_scaled] if g_dq is not None else []
+    if g_dk is not None:
+        c_keys.append(g_dk * scale)
+    c_keys = torch.cat(c_keys, dim=1) if has_c else None
     grad_q = torch.empty(batch, d_qk, n_queries, dtype=acc, device=dev) if need_q else None
     grad_k = torch.zeros(batch, d_qk, n_keys, dtype=acc, device=dev) if need_k else None
     grad_v = torch.zeros(batch, d_v, n_keys, dtype=acc, device=dev) if need_v else None
@@ -100,7 +103,10 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv
         p.div_(p.sum(dim=-1, keepdim=True))
         torch.baddbmm(neg_delta[:, start:stop, None], _t(do_c), v_acc, out=dpm)  # dP - delta
         if has_c:
-            c_queries = torch.cat([t for t in (gq_c, q_c if g_dk is not None else None) if t is not None], dim=1)
+            c_queries = [gq_c] if gq_c is not None else []
+            if g_dk is not None:
+                c_queries.append(q_c)
+            c_queries = torch.cat(c_queries, dim=1)
             torch.bmm(_t(c_queries), c_keys, out=cc)
             c = torch.linalg.vecdot(p, cc)  # (B, chunk)
             if grad_dlse is not None:
@@ -130,7 +136,7 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv
         if grad_q is not None:
             gq = torch.bmm(k_scaled, _t(e))
             if ds is not None and g_dk is not None:
-                gq.baddbmm_(g_dk.to(acc), _t(ds), alpha=scale)
+                gq.baddbmm_(g_dk, _t(ds), alpha=scale)
             grad_q[:, :, start:stop] = gq
         if grad_k is not None:
             grad_k.baddbmm_(q_c, e, alpha=scale)
