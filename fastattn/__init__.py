@@ -5,7 +5,7 @@ from .reference import reference_attention
 from .attention_map import AttentionMap, attention_rows
 from .viz import save_attention_png
 from .nn import SelfAttention2d
-from .swap import AttentionFamily, SwapHandle, register_adapter, swap_attention, unregister_adapter
+from .swap import AttentionFamily, SwapHandle, register_adapter, swap_attention, unregister_adapter, unswap
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "save_attention_png",
     "swap_attention",
     "unregister_adapter",
+    "unswap",
     "available_backends",
     "reference_attention",
     "spatial_attention",
