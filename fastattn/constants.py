@@ -13,6 +13,18 @@ import torch
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
 # 8 MiB is fastest at both. Not tuned on CUDA (no GPU yet); there the triton backend is the default.
 TORCH_CHUNK_BYTES = 8 * 2**20
+# Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
+# keeps for the backward instead of recomputing it chunk by chunk (fastattn/backends/torch_small.py).
+# Below it the naive layer's arithmetic as one node (fused softmax, fused softmax backward, no
+# recomputation, no lse pass unless return_lse) beats the chunked path, whose recomputation and
+# per-chunk work dominate at small sizes. A fixed budget: memory stays bounded, never ~N x M.
+# PROVENANCE: placeholder, see the sweep below.
+TORCH_KEEP_PROBS_BYTES = 4 * 2**20
+
+# --- sdpa backend (PyTorch's fused CPU flash kernel, fastattn/backends/sdpa.py) -----------------
+# Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width up.
+# PROVENANCE: placeholder, see the sweep below.
+SDPA_AUTO_MIN_HEAD_DIM = 128
 
 # --- accuracy ------------------------------------------------------------------------------
 # Tolerances for comparing a result in `dtype` against an fp64 reference of the same inputs:

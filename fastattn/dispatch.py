@@ -52,6 +52,11 @@ class Backend(ABC):
     def attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Differentiable (out, lse); inputs are validated, `scale` is a float."""
 
+    def attention_out(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Differentiable out alone, when the caller does not want lse: a backend may skip the
+        work lse alone needs (the result must equal `attention(...)[0]`)."""
+        return self.attention(q, k, v, scale)[0]
+
     def not_automatic(self, q: Tensor, k: Tensor, v: Tensor) -> list[str]:
         """Reasons automatic choice must pass this backend over even though it could run
         (e.g. Triton's CPU interpreter: correct but slow, so only on explicit request)."""

@@ -106,7 +106,7 @@ def spatial_attention(
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = resolve_scale(scale, q.shape[1])
     chosen = select_backend(q, k, v, backend)
+    if not return_lse:
+        return chosen.attention_out(q, k, v, scale)
     out, lse = chosen.attention(q, k, v, scale)
-    if return_lse:
-        return out, lse.to(accumulation_dtype(q.dtype))
-    return out
+    return out, lse.to(accumulation_dtype(q.dtype))
