@@ -24,9 +24,16 @@ __all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_
 
 def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
     """Whether this problem takes the kept-probabilities path: its (B, N, M) matrix in the
-    accumulation dtype fits in TORCH_KEEP_PROBS_BYTES."""
+    accumulation dtype fits in TORCH_KEEP_PROBS_BYTES, or each sample's matrix is at most
+    TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES and the whole at most TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES
+    (a fixed cap either way: never proportional to N x M beyond it)."""
     element = 8 if acc == torch.float64 else 4
-    return batch * n_queries * n_keys * element <= constants.TORCH_KEEP_PROBS_BYTES
+    per_sample = n_queries * n_keys * element
+    total = batch * per_sample
+    if total <= constants.TORCH_KEEP_PROBS_BYTES:
+        return True
+    return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
+            and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
 
 
 def _logits(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
