@@ -11,7 +11,7 @@ import torch
 # forward+backward, B=1:       budget MiB:  1      2      4      8      16     32     64
 #   biggan256_G128 (N=16384, M=4096)        0.549  0.529  0.504  0.477  0.485  0.610  0.624 s
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
-# 8 MiB is fastest at both. Not tuned on CUDA (no GPU yet); there the triton backend is the default.
+# 8 MiB is fastest at both. Not measured on CUDA, where automatic choice takes the triton backend.
 TORCH_CHUNK_BYTES = 8 * 2**20
 # Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
 # keeps for the backward instead of recomputing it chunk by chunk (fastattn/backends/torch_small.py).
@@ -48,7 +48,7 @@ SDPA_AUTO_MIN_HEAD_DIM = 512
 # --- accuracy ------------------------------------------------------------------------------
 # Tolerances for comparing a result in `dtype` against an fp64 reference of the same inputs:
 # |got - ref| <= atol + rtol * |ref|. Chosen from the error plain PyTorch itself makes in that
-# dtype on the gan_shapes sites with unit-variance inputs (tests/test_parity.py prints it):
+# dtype on the gan_shapes sites with unit-variance inputs (tests/backends/test_torch_chunked.py prints both errors):
 # fp32 ~1e-6, fp16 ~1e-3, bf16 ~8e-3 relative. The margins cover sums over M up to 16384.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-9},
@@ -68,7 +68,7 @@ ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, t
 # The Triton kernels' launch configurations (tile sizes, warps, pipeline stages) and the rules
 # that prune them are a table of their own, kernels/configs.py (fastattn.kernels.configs), with
 # their provenance there: their register fit was measured by compiling for sm_90/sm_80 without a
-# GPU (tests/test_triton_compile.py); their timing awaits a GPU run. The Triton backend adds no
+# GPU (tests/backends/triton/test_triton_compile.py); their timing has not been measured on a GPU. The Triton backend adds no
 # tolerance: its tests use the accuracy rule above.
 
 # --- benchmarks (fastattn bench) ------------------------------------------------------------
@@ -113,24 +113,25 @@ BENCH_MAX_TIME_FACTOR = 4
 # One thread gives stable, if slower, numbers on a machine shared with other work.
 BENCH_CPU_THREADS = 1
 
-# --- swap_attention probe (fastattn/swap.py) --------------------------------------------------
+# --- swap_attention probe (fastattn/swap/probe.py) ---------------------------------------------
 # Before swapping a layer, its original forward and fastattn's run on random inputs of these
-# (H, W) sizes (batch 2, the layer's C), on deep copies with the residual scalar set to this value
-# (not 0: the layer would be the identity; not 1: `o + x` would pass for `gamma * o + x`): once in
-# eval mode, then in training mode, where the original and fastattn's forward each run on their
-# own copy from RNG seed SWAP_PROBE_SEED (so SN power iterations advance alike on both, and a
-# dropout in the original shows up as a difference; the caller's RNG state is restored after).
+# (H, W) sizes (batch 2, the layer's C), in eval and in training mode, every call on its own fresh
+# deep copy with the residual scalar (for captured layers: every one-element parameter that is 0)
+# set to this value (not 0: the layer would be the identity; not 1: `o + x` would pass for
+# `gamma * o + x`), each from RNG seed SWAP_PROBE_SEED (so spectral norms that update on every
+# call advance alike on both, and a dropout in the original shows up as a difference; the
+# caller's RNG state is restored after). Captured layers are also traced on the first size.
 # The first size is even so every family runs it; the odd one checks the pooling rule of the
 # families whose originals accept odd sizes. Chosen, not measured: a few dozen pixels still tell
 # every known variant apart, and the probe costs 6-12 ms per layer of the tests' families at C=64
 # on the 2-core CPU dev machine (about half of it the training-mode pass and its two copies)
-# (tests/test_swap.py: old heykeetae forks, scaled logits, ceil vs floor pooling, a dropout on
+# (tests/swap/test_swap_families.py: old heykeetae forks, scaled logits, ceil vs floor pooling, a dropout on
 # the attention map in training).
 SWAP_PROBE_SIZES = ((6, 4), (5, 3))
 SWAP_PROBE_SCALAR = 0.75
 SWAP_PROBE_SEED = 0
 
-# --- reference GAN (fastattn.models, tests/test_models_parity.py) ----------------------------
+# --- reference GAN (fastattn.models, tests/models/test_gan_parity.py) ----------------------------
 # Largest difference allowed between the losses (and mean D logits) of a naive-layer run and a
 # fastattn run of the reference GAN from the same weights, batches and noise, over the first 6
 # training steps, as |a - b| / max(|a|, |b|, 1) (relative, absolute below 1: hinge losses pass

@@ -96,15 +96,16 @@ def get_backend(name: str, *, source: str = "backend") -> Backend:
     return backends[name]
 
 
-def check_backend_name(backend: str | None) -> None:
+def check_backend_name(backend: str | None, *, must_run_here: bool = True) -> None:
     """Check a backend= argument before any input exists (layers, swap_attention): None passes;
-    otherwise TypeError for a non-str, ValueError for an unknown name, BackendUnavailableError
-    when the named backend cannot run on this machine at all."""
+    otherwise TypeError for a non-str, ValueError for an unknown name and, with must_run_here,
+    BackendUnavailableError when the named backend cannot run on this machine at all."""
     if backend is None:
         return
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    reasons = get_backend(backend).unavailable()
+    chosen = get_backend(backend)
+    reasons = chosen.unavailable() if must_run_here else []
     if reasons:
         raise BackendUnavailableError(f"backend {backend!r} (requested by backend=) cannot run here: "
                                       f"{'; '.join(reasons)}. Pass backend=None for automatic choice.")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import backends  # noqa: F401  (registers the built-in backends with dispatch)
-from .dispatch import select_backend
+from .dispatch import check_backend_name, select_backend
 from .reference import accumulation_dtype, default_scale
 
 __all__ = ["spatial_attention", "validate_inputs", "resolve_scale"]
@@ -70,7 +70,11 @@ def resolve_scale(scale, d_qk: int) -> float:
     # torch.SymFloat/SymInt: a scale traced by torch.compile(dynamic=True); float() specialises it
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        raise ValueError(f"scale must be finite, got an integer of {len(str(abs(int(scale))))} digits, "
+                         f"beyond the largest float (~1.8e308)") from None
     if scale != scale or abs(scale) == math.inf:  # not math.isfinite: traceable on a SymFloat
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
@@ -97,6 +101,8 @@ def spatial_attention(
     backend: None picks the fastest backend that can run the input; a name ("torch", "triton")
         forces it and raises BackendUnavailableError with the reasons when it cannot run.
         The FASTATTN_BACKEND environment variable does the same when backend is None.
+    Meta tensors (deferred initialisation, shape inference) give empty meta results of the right
+    shapes and dtypes without running a backend.
     return_lse: also return the per-query log-sum-exp of the scaled logits, (B, N) in float32
         (float64 for float64 inputs, so that fp64 gradient checks stay exact). It is
         differentiable: d lse_i / d logit_ij is the attention probability.
@@ -105,8 +111,20 @@ def spatial_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = resolve_scale(scale, q.shape[1])
+    if q.device.type == "meta":
+        return _meta_attention(q, v, backend, return_lse)
     chosen = select_backend(q, k, v, backend)
     if not return_lse:
         return chosen.attention_out(q, k, v, scale)
     out, lse = chosen.attention(q, k, v, scale)
     return out, lse.to(accumulation_dtype(q.dtype))
+
+
+def _meta_attention(q: Tensor, v: Tensor, backend, return_lse: bool):
+    """Shapes and dtypes of spatial_attention's results on the meta device (no data, no backend)."""
+    check_backend_name(backend, must_run_here=False)  # an unknown name is an error here too
+    batch, n_queries = q.shape[0], q.shape[2]
+    out = torch.empty((batch, v.shape[1], n_queries), dtype=q.dtype, device="meta")
+    if return_lse:
+        return out, torch.empty((batch, n_queries), dtype=accumulation_dtype(q.dtype), device="meta")
+    return out

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import check_backend_name
 from .functional import spatial_attention
 from .reference import reference_attention
 
@@ -43,6 +44,8 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = 1.0
         k = k.to(q.dtype)
     if v.dtype != q.dtype:
         v = v.to(q.dtype)
+    if q.device.type == "meta":  # shape inference: no autocast state exists for meta
+        return spatial_attention(q, k, v, scale=scale, backend=backend, return_lse=return_lse)
     with torch.autocast(q.device.type, enabled=False):
         return spatial_attention(q, k, v, scale=scale, backend=backend, return_lse=return_lse)
 
@@ -50,6 +53,17 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = 1.0
 def max_pool_keys(t: Tensor) -> Tensor:
     """2x2 max-pooling, stride 2, floor: M = floor(H/2) * floor(W/2), as the pooled layers do."""
     return F.max_pool2d(t, kernel_size=2, stride=2)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know, e.g.
+    meta; torch < 2.4 has no device_type argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    except RuntimeError:
+        return False
 
 
 def _check_channels(name: str, value, default: int | None) -> int:
@@ -105,8 +119,8 @@ class SelfAttention2d(nn.Module):
             )
         if attention not in _ATTENTION_MODES:
             raise ValueError(f"attention must be one of {_ATTENTION_MODES}, got {attention!r}")
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        # a known name is enough here: the layer may be built on a machine that will not run it
+        check_backend_name(backend, must_run_here=False)
         if backend is not None and attention != "fastattn":
             raise ValueError(f"backend={backend!r} only applies to attention='fastattn', "
                              f"got attention={attention!r}")
@@ -137,9 +151,26 @@ class SelfAttention2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, in_channels={self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor like the layer's weights "
+                            f"({self._weight().dtype}), got {x.dtype}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"x must have H >= 1 and W >= 1 (attention over no positions is undefined), "
+                             f"got shape {tuple(x.shape)}")
+        weight = self._weight()
+        if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight.dtype}: pass x as "
+                            f"{weight.dtype}, convert the layer with .to({x.dtype}), or run under torch.autocast")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the layer's weights are on {weight.device}: "
+                             f"move x (or the layer with .to({str(x.device)!r}))")
         if self.pool and (x.shape[2] < 2 or x.shape[3] < 2):
             raise ValueError(f"pool=True max-pools keys 2x2, so x needs H >= 2 and W >= 2, "
                              f"got {tuple(x.shape)}")
+
+    def _weight(self) -> Tensor:
+        """theta's weight parameter (the original under spectral norm, without a power step)."""
+        return next(self.theta.parameters())
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
         """q (B, d_qk, N), k (B, d_qk, M), v (B, d_v, M) as views of the conv outputs, and the

@@ -75,8 +75,6 @@ def _shared_bytes(device: torch.device):
 
 
 def _pick(key, candidates, run, sample):
-    if key in _TUNED:
-        return _TUNED[key]
     if _tracing(sample):
         return candidates[0]
     if len(candidates) == 1:
@@ -105,17 +103,22 @@ def _key(kind, q, v, precision):
 
 
 def _config(kind, q, v, precision, run, candidates_fn, interpreter_config, **fixed_kwargs):
-    """The configuration of one pass: interpreted, fixed, or autotuned per shape."""
+    """The configuration of one pass: interpreted, fixed, or autotuned per shape. An autotuned
+    shape seen before costs one dict lookup: the cache is read before the device properties
+    and the candidate list (every call of the op passes here)."""
     args = (*_sizes(q, v), q.element_size())
     fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
         return candidates_fn([interpreter_config], *args, prune=False)[0]
+    key = None if fixed else _key(kind, q, v, precision)
+    if key in _TUNED:
+        return _TUNED[key]
     shared = _shared_bytes(q.device)
     forward_table, backward_table, fixed_forward, fixed_backward = tables(q.element_size())
     table, fixed_config = (forward_table, fixed_forward) if kind == "forward" else (backward_table, fixed_backward)
     if fixed:
         return candidates_fn([fixed_config], *args, shared_bytes=shared, **fixed_kwargs)[0]
-    return _pick(_key(kind, q, v, precision), candidates_fn(table, *args, shared_bytes=shared), run, q)
+    return _pick(key, candidates_fn(table, *args, shared_bytes=shared), run, q)
 
 
 def forward_config(q, k, v, precision, run):

@@ -1,7 +1,13 @@
 """Backward kernels: delta, then dK/dV (and optionally dQ), then (two-pass) dQ.
 
-Probabilities are recomputed from q, k and the forward's lse; nothing of size N x M is ever
-stored and every accumulator is fp32. With logits s = scale * q.k and p = softmax(s):
+Probabilities are recomputed from q, k and the forward's row max m and row sum l (`stats`):
+p = exp2((s - m) * log2 e) / l, with s recomputed by the forward's arithmetic, so the largest p
+of a row is exactly 1 / l as in the naive softmax (recomputing from the lse instead carried its
+|lse| * 2^-24 rounding into every p: 5-1600x the naive path's fp32 dv error at |s| 400-3e4).
+For fp32 inputs the dK/dV kernel computes the logits tile as the forward does, q rows times k
+columns, and transposes it (LOGITS_AS_FORWARD): a BLAS (the interpreter's tl.dot) need not give
+k.q the same bits as q.k. Nothing of size N x M is ever stored and every accumulator is fp32.
+With logits s = scale * q.k and p = softmax(s):
 
     delta_i = sum_c dO[c, i] * O[c, i] - dlse_i      (dlse: the gradient of the returned lse,
                                                        since d lse_i / d s_ij = p_ij)
@@ -18,12 +24,11 @@ per pair, about +50% at the BigGAN sites (d_qk 24, d_v 96), against the atomic p
 to its 4 M pairs). By that count one pass should win when d_qk is small, as in every GAN site,
 so the autotuner's table lists it first; but atomics make dQ's summation order, hence its last
 bits, vary from run to run, so the fixed (deterministic) configuration uses two passes.
-Registers (offline sm_90 compile, tests/test_triton_compile.py): the dQ partial costs the
+Registers (offline sm_90 compile, tests/backends/triton/test_triton_compile.py): the dQ partial costs the
 one-pass dK/dV program registers, so at 4 warps it fits only with 16-query steps (64x32 spilled
 224 B); at 8 warps 128x32 fits either way.
-PENDING GPU MEASUREMENT: time both variants' full backward on the gan_shapes sites (bf16 and
-fp16, B as in the file) and keep the atomic variant only where it is faster; the autotuner
-already times both per shape when FASTATTN_TRITON_CONFIG is not "fixed".
+Unmeasured: which variant is faster on a GPU. The autotuner times both per shape (unless
+FASTATTN_TRITON_CONFIG is "fixed"); the fixed configuration is two-pass.
 
 d_v: when the padded d_v fits `block_dv`, one dK/dV program holds v and accumulates both dK and
 dV. Wider values take two launches: dK (with dp summed over DP_CHUNK-wide d_v chunks) and dV
@@ -36,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .configs import DP_CHUNK
-from .forward import LOG2E, LOG2E_CONST
+from .forward import LOG2E_CONST
 
 __all__ = ["launch_backward"]
 
@@ -75,16 +80,17 @@ def attention_backward_delta_kernel(
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, delta_ptr, dq_acc_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qd, stride_qn,
     stride_kb, stride_kd, stride_km,
     stride_vb, stride_vd, stride_vm,
     stride_dob, stride_dod, stride_don,
+    stride_sb, stride_ss, stride_sn,
     n_queries, n_keys, d_qk, d_v,
-    qk_scale, scale,
+    scale,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
     WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, LOGITS_AS_FORWARD: tl.constexpr,
 ):
     """dq_acc (fp32), dk and dv are contiguous (B, d, len) buffers made by the launcher."""
     pid_m = tl.program_id(0)
@@ -98,27 +104,44 @@ def attention_backward_dkdv_kernel(
     mask_d = offs_d < d_qk
     mask_dv = offs_dv < d_v
 
-    # k as (BLOCK_M, D_PAD); v as (BLOCK_M, BLOCK_DV) when this program holds all of d_v
-    k = tl.load(k_ptr + batch * stride_kb + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    # k as (D_PAD, BLOCK_M), the forward's orientation, or as (BLOCK_M, D_PAD);
+    # v as (BLOCK_M, BLOCK_DV) when this program holds all of d_v
+    k_base = k_ptr + batch * stride_kb
+    if LOGITS_AS_FORWARD:
+        k_dm = tl.load(k_base + offs_d[:, None] * stride_kd + offs_m[None, :] * stride_km,
+                       mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        k_dm = tl.trans(k)
     v_base = v_ptr + batch * stride_vb + offs_m[:, None] * stride_vm
     if WITH_DK and WITH_DV:
         v = tl.load(v_base + offs_dv[None, :] * stride_vd, mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-    q_base = q_ptr + batch * stride_qb + offs_d[:, None] * stride_qd
+    q_base = q_ptr + batch * stride_qb
     do_base = do_ptr + batch * stride_dob
+    stats_base = stats_ptr + batch * stride_sb
     dk = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     for start_n in range(0, n_queries, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < n_queries
-        q = tl.load(q_base + offs_n[None, :] * stride_qn, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        # padded queries get lse = +inf, hence p = 0
-        lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E_CONST
-        s_t = tl.dot(k, q, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])  # (BLOCK_M, BLOCK_N)
-        # Padded keys (k loaded as 0, so s = 0) must get p = 0: with lse below about -88.7,
-        # exp2(0 - lse2) overflows to inf, and inf * (k = 0) in the atomic dQ would be NaN.
+        # padded queries get m = +inf, hence p = 0
+        row_max = tl.load(stats_base + offs_n * stride_sn, mask=mask_n, other=float("inf"))
+        inv_sum = 1.0 / tl.load(stats_base + stride_ss + offs_n * stride_sn, mask=mask_n, other=1.0)
+        if LOGITS_AS_FORWARD:
+            # q as (BLOCK_N, D_PAD): the same dot as the forward's, transposed after
+            q_nd = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                           mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            s_t = tl.trans(tl.dot(q_nd, k_dm, input_precision=INPUT_PRECISION, out_dtype=tl.float32)) * scale
+        else:
+            q_dn = tl.load(q_base + offs_d[:, None] * stride_qd + offs_n[None, :] * stride_qn,
+                           mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+            s_t = tl.dot(k, q_dn, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * scale
+            q_nd = tl.trans(q_dn)
+        p_t = tl.math.exp2((s_t - row_max[None, :]) * LOG2E_CONST) * inv_sum[None, :]  # (BLOCK_M, BLOCK_N)
+        # Padded keys (k loaded as 0, so s = 0) must get p = 0: with a row max below about
+        # -88.7, exp(0 - m) overflows to inf, and inf * (k = 0) in the atomic dQ would be NaN.
         p_t = tl.where(mask_m[:, None], p_t, 0.0)
         if WITH_DV:
             do = tl.load(do_base + offs_dv[:, None] * stride_dod + offs_n[None, :] * stride_don,
@@ -139,10 +162,10 @@ def attention_backward_dkdv_kernel(
                     dp_t = tl.dot(v_c, do_c, dp_t, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
             delta = tl.load(delta_ptr + batch * n_queries + offs_n, mask=mask_n, other=0.0)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), tl.trans(q), dk, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            dk = tl.dot(ds_t.to(q_nd.dtype), q_nd, dk, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
             if ATOMIC_DQ:
                 # (D_PAD, BLOCK_N): padded keys have k = 0 and contribute nothing
-                dq_part = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=INPUT_PRECISION,
+                dq_part = tl.dot(k_dm, ds_t.to(k_dm.dtype), input_precision=INPUT_PRECISION,
                                  out_dtype=tl.float32)
                 dq_ptrs = dq_acc_ptr + batch * d_qk * n_queries + offs_d[:, None] * n_queries + offs_n[None, :]
                 tl.atomic_add(dq_ptrs, dq_part * scale, mask=mask_d[:, None] & mask_n[None, :], sem="relaxed")
@@ -157,13 +180,14 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qd, stride_qn,
     stride_kb, stride_kd, stride_km,
     stride_vb, stride_vd, stride_vm,
     stride_dob, stride_dod, stride_don,
+    stride_sb, stride_ss, stride_sn,
     n_queries, n_keys, d_qk, d_v,
-    qk_scale, scale,
+    scale,
     D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     DV_SINGLE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -179,7 +203,9 @@ def attention_backward_dq_kernel(
 
     q = tl.load(q_ptr + batch * stride_qb + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    lse2 = tl.load(lse_ptr + batch * n_queries + offs_n, mask=mask_n, other=float("inf")) * LOG2E_CONST
+    stats_base = stats_ptr + batch * stride_sb + offs_n * stride_sn
+    row_max = tl.load(stats_base, mask=mask_n, other=float("inf"))
+    inv_sum = 1.0 / tl.load(stats_base + stride_ss, mask=mask_n, other=1.0)
     delta = tl.load(delta_ptr + batch * n_queries + offs_n, mask=mask_n, other=0.0)
     do_base = do_ptr + batch * stride_dob + offs_n[:, None] * stride_don  # (BLOCK_N, 1)
     if DV_SINGLE:
@@ -193,8 +219,8 @@ def attention_backward_dq_kernel(
         offs_m = start_m + offs_m0
         mask_m = offs_m < n_keys
         k = tl.load(k_base + offs_m[None, :] * stride_km, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=tl.float32) * scale
+        p = tl.math.exp2((s - row_max[:, None]) * LOG2E_CONST) * inv_sum[:, None]
         p = tl.where(mask_m[None, :], p, 0.0)
         if DV_SINGLE:
             v = tl.load(v_base + offs_c0[:, None] * stride_vd + offs_m[None, :] * stride_vm,
@@ -221,9 +247,10 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, lse, scale, precision, config, d_pad, dv_pad):
-    """(dq, dk, dv), contiguous, in the inputs' dtype. `lse` is the forward's contiguous (B, N)
-    fp32 lse; grad_lse may be None. `kernel_call` as in launch_forward."""
+def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, stats, scale, precision, config, d_pad, dv_pad):
+    """(dq, dk, dv), contiguous, in the inputs' dtype. `stats` is the forward's (B, 2, N) fp32
+    row max and row sum (kernels/forward.py); grad_lse may be None. `kernel_call` as in
+    launch_forward."""
     batch, d_qk, n_queries = q.shape
     d_v, n_keys = v.shape[1], v.shape[2]
     dk = torch.empty((batch, d_qk, n_keys), dtype=k.dtype, device=k.device)
@@ -248,28 +275,29 @@ def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, lse, scale, p
     else:
         dq_buffer = torch.empty((batch, d_qk, n_queries), dtype=q.dtype, device=q.device)
     common = dict(D_PAD=d_pad, INPUT_PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
-    args = (q, k, v, grad_out, lse, delta, dq_buffer, dk, dv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-            n_queries, n_keys, d_qk, d_v, float(scale) * LOG2E, float(scale))
+    args = (q, k, v, grad_out, stats, delta, dq_buffer, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(stats),
+            n_queries, n_keys, d_qk, d_v, float(scale))
     n_key_blocks = triton.cdiv(n_keys, c.block_m)
+    common_dkdv = dict(common, LOGITS_AS_FORWARD=q.element_size() == 4)
     if fused:
         kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, 1, batch)](
             *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=dv_pad,
-            WITH_DK=True, WITH_DV=True, ATOMIC_DQ=atomic, **common)
+            WITH_DK=True, WITH_DV=True, ATOMIC_DQ=atomic, **common_dkdv)
     else:
         dp_chunk = min(c.block_dv, DP_CHUNK)
         kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, 1, batch)](
             *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=dp_chunk,
-            WITH_DK=True, WITH_DV=False, ATOMIC_DQ=atomic, **common)
+            WITH_DK=True, WITH_DV=False, ATOMIC_DQ=atomic, **common_dkdv)
         kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, triton.cdiv(d_v, c.block_dv), batch)](
             *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=c.block_dv,
-            WITH_DK=False, WITH_DV=True, ATOMIC_DQ=False, **common)
+            WITH_DK=False, WITH_DV=True, ATOMIC_DQ=False, **common_dkdv)
     if atomic:
         return dq_buffer.to(q.dtype), dk, dv
     kernel_call(attention_backward_dq_kernel)[(triton.cdiv(n_queries, c.block_n_dq), batch)](
-        q, k, v, grad_out, lse, delta, dq_buffer,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        n_queries, n_keys, d_qk, d_v, float(scale) * LOG2E, float(scale),
+        q, k, v, grad_out, stats, delta, dq_buffer,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(stats),
+        n_queries, n_keys, d_qk, d_v, float(scale),
         BLOCK_N=c.block_n_dq, BLOCK_M=c.block_m_dq, BLOCK_DV=dv_pad if fused else min(c.block_dv, DP_CHUNK),
         DV_SINGLE=fused, **common)
     return dq_buffer, dk, dv

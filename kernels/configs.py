@@ -5,12 +5,13 @@ queries and `block_dv` value channels and walks over the keys `block_m` at a tim
 backward dK/dV program owns `block_m` keys and walks over the queries `block_n` at a time; the
 two-pass dQ program owns `block_n_dq` queries and walks over the keys `block_m_dq` at a time.
 
-Provenance. Timing: NOT YET MEASURED (the session that wrote these kernels had no GPU); the
-GPU session should time every entry on the gan_shapes sites (the autotuner keeps the winners,
-`fastattn.kernels.autotune.tuned_configs()` shows them), drop entries that never win and record
-the numbers here. Register fit: MEASURED OFFLINE, by compiling every kernel variant for sm_90
-with Triton 3.9 and reading the cubin's resource usage (cuobjdump -res-usage; the same check
-runs in tests/test_triton_compile.py). At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
+Provenance. Timing: none of these entries has been timed on a GPU; on CUDA the autotuner times
+the candidates per shape class at run time and keeps the fastest (`tuned_configs()` lists them).
+Register fit: measured by compiling every kernel variant for sm_90 with Triton 3.9 without a GPU
+and reading the cubin's resource usage (cuobjdump -res-usage; tests/backends/triton/
+test_triton_compile.py repeats it). That compile treats every int as a plain i32 and every pointer
+as unaligned, unlike a real launch (which specialises divisibility by 16), so these figures are
+upper bounds for aligned GAN shapes. At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
   forward  128x64/8 warps 228 regs, 128x32/8w 175, 64x64/4w 226, 64x32/4w 186: no spills;
            128x128/8w and 64x128/4w spill; in fp32 (FMA dots) only block_m <= 32 fits.
   dK/dV    keys x query-step: 128x32/8w 220-246 regs and 64x32/4w 254 and 64x16/4w 232: no

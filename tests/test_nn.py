@@ -140,6 +140,7 @@ def test_deepcopy_keeps_parameters_and_output():
         (dict(in_channels=16, spectral_norm=True, sn_eps=-1e-6), r"sn_eps .* must be a finite number > 0, got -1e-06$"),
         (dict(in_channels=16, spectral_norm=True, sn_eps=float("nan")), r"sn_eps .* > 0, got nan$"),
         (dict(in_channels=16, spectral_norm=True, sn_eps="1e-6"), "sn_eps must be a positive float, got str '1e-6'"),
+        (dict(in_channels=16, backend="nope"), r"^backend must be one of \[.*'torch'.*\] or None \(automatic\), got 'nope'$"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
@@ -153,6 +154,36 @@ def test_bad_inputs_name_the_expected_shape():
         layer(torch.randn(2, 8, 4, 4))
     with pytest.raises(ValueError, match="H >= 2 and W >= 2"):
         layer(torch.randn(2, 16, 1, 4))
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(2, 16, 4, 4, dtype=torch.float64), TypeError,
+     r"x has dtype torch.float64 but the layer's weights are torch.float32: pass x as torch.float32"),
+    (torch.zeros(2, 16, 4, 4, dtype=torch.int64), TypeError,
+     r"x must be a floating-point tensor like the layer's weights \(torch.float32\), got torch.int64"),
+    (torch.randn(2, 16, 0, 4), ValueError, r"x must have H >= 1 and W >= 1 .* got shape \(2, 16, 0, 4\)"),
+    (torch.randn(2, 16, 4, 0), ValueError, r"got shape \(2, 16, 4, 0\)"),
+    (torch.empty(2, 16, 4, 4, device="meta"), ValueError, r"x is on meta but the layer's weights are on cpu"),
+])
+def test_wrong_dtype_empty_or_misplaced_input_names_what_was_received_and_expected(x, error, match):
+    layer = SelfAttention2d(16, spectral_norm=True)
+    with pytest.raises(error, match=match):
+        layer(x)
+
+
+def test_an_empty_batch_and_autocast_inputs_still_run():
+    layer = SelfAttention2d(16)
+    assert layer(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(1, 16, 4, 4)).shape == (1, 16, 4, 4)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_meta_layer_infers_the_output_shape_without_data(pool):
+    with torch.device("meta"):
+        layer = SelfAttention2d(16, pool=pool, spectral_norm=True, backend="torch")
+        out = layer(torch.empty(2, 16, 6, 5))
+    assert out.device.type == "meta" and out.shape == (2, 16, 6, 5) and out.dtype == torch.float32
 
 
 def test_positive_sn_eps_reaches_the_spectral_norm():

@@ -67,8 +67,11 @@ class _SdpaAttention(torch.autograd.Function):
             return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None,)
         with torch.autocast(q.device.type, enabled=False):
             if grad_lse is not None:
-                # the kernel's backward has no lse term: the torch backend's exact backward has
-                grads = chunked_backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs)
+                # the kernel's backward has no lse term: the torch backend's backward has. Its
+                # probabilities are exp(s - row_max) / row_sum; with row_max = lse, row_sum = 1 they
+                # are exp(s - lse), the kernel's own (its logits are scaled, so |lse| stays small)
+                grads = chunked_backward(q, k, v, out, lse, torch.ones_like(lse), grad_out, grad_lse,
+                                         ctx.scale, needs)
             else:
                 dq, dk, dv = _OPS._scaled_dot_product_flash_attention_for_cpu_backward(
                     _token_major(grad_out), _token_major(q), _token_major(k), _token_major(v),

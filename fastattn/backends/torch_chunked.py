@@ -1,8 +1,15 @@
 """Memory-efficient pure-PyTorch backend: runs everywhere (CPU and CUDA, fp64/fp32/fp16/bf16).
 
 Forward walks over chunks of queries, keeps a running (B, chunk, M) logits buffer, and saves only
-the per-query log-sum-exp. Backward recomputes the probabilities chunk by chunk from it. No
-N x M tensor is ever saved, and working memory is bounded by constants.TORCH_CHUNK_BYTES, not by N.
+each query's row max and row sum of the softmax. Backward recomputes the logits chunk by chunk
+with the forward's own arithmetic (`_logits`: same chunks, same bmm, same scale multiply, so the
+same bits) and the probabilities as exp(s - row max) / row sum, exactly the forward's. No N x M
+tensor is ever saved, and working memory is bounded by constants.TORCH_CHUNK_BYTES, not by N.
+
+Why not recompute from the lse, exp(s - lse): the lse carries a rounding of |lse| * 2^-24
+(relative), which lands in every probability. The naive softmax's largest term is exactly
+exp(0) = 1; with unscaled GAN logits of |s| 1e4-3e4, exp(s - lse) was off by ~1e-3 and dv's fp32
+error was 13-870x the naive path's (benchmarks/large_logit_accuracy.py).
 
 Low precision: logits, softmax statistics and accumulators are fp32 (fp64 for fp64 inputs), so
 unscaled GAN logits cannot overflow the way the naive fp16 bmm does.
@@ -38,20 +45,30 @@ def _buffer(storage: Tensor, batch: int, rows: int, n_keys: int) -> Tensor:
     return storage[: batch * rows * n_keys].view(batch, rows, n_keys)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _logits(q: Tensor, k_acc: Tensor, start: int, stop: int, scale: float, out: Tensor) -> Tensor:
+    """scale * q[:, :, start:stop]^T k into `out` (B, chunk, M), in k_acc's dtype. The forward and
+    the backward both call this with the same chunks, so the backward's logits are the forward's
+    bit for bit (the probabilities' cancellation near the row max depends on it)."""
+    torch.bmm(q[:, :, start:stop].transpose(1, 2).to(k_acc.dtype), k_acc, out=out)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, row_max, row_sum): the statistics are (B, N) in the accumulation dtype."""
     batch, _, n_queries = q.shape
     d_v, n_keys = v.shape[1], v.shape[2]
     acc = accumulation_dtype(q.dtype)
     k_acc, v_acc = k.to(acc), v.to(acc)
     out = torch.empty(batch, d_v, n_queries, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, n_queries, dtype=acc, device=q.device)
+    row_maxes = torch.empty(batch, n_queries, dtype=acc, device=q.device)
+    row_sums = torch.empty(batch, n_queries, dtype=acc, device=q.device)
     rows = _rows_per_chunk(batch, n_keys, n_queries, acc)
     storage = torch.empty(batch * rows * n_keys, dtype=acc, device=q.device)
     for start, stop in _chunks(n_queries, rows):
-        p = _buffer(storage, batch, stop - start, n_keys)
-        torch.bmm(q[:, :, start:stop].transpose(1, 2).to(acc), k_acc, out=p)
-        if scale != 1.0:
-            p.mul_(scale)
+        p = _logits(q, k_acc, start, stop, scale, _buffer(storage, batch, stop - start, n_keys))
         row_max = p.amax(dim=-1, keepdim=True)
         p.sub_(row_max).exp_()
         row_sum = p.sum(dim=-1, keepdim=True)
@@ -62,14 +79,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Ten
             out_chunk = torch.bmm(v_acc, p.transpose(1, 2))  # (B, d_v, chunk)
             out[:, :, start:stop] = out_chunk.div_(row_sum.transpose(1, 2))
         lse[:, start:stop] = (row_max + row_sum.log()).squeeze(-1)
-    return out, lse
+        row_maxes[:, start:stop] = row_max.squeeze(-1)
+        row_sums[:, start:stop] = row_sum.squeeze(-1)
+    return out, lse, row_maxes, row_sums
 
 
-def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, needs):
-    """Gradients (dq, dk, dv) with probabilities recomputed per query chunk from `lse`."""
+def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, scale, needs):
+    """Gradients (dq, dk, dv) with probabilities recomputed per query chunk from the forward's
+    row max and row sum."""
     batch, d_qk, n_queries = q.shape
     n_keys = k.shape[2]
-    acc = lse.dtype
+    acc = row_max.dtype
     k_acc, v_acc = k.to(acc), v.to(acc)
     grad_out = grad_out.to(acc)
     # delta_i = sum_c dO[c, i] * O[c, i]  (the softmax-backward row term); minus d lse_i.
@@ -86,11 +106,8 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, needs):
     for start, stop in _chunks(n_queries, rows):
         q_chunk = q[:, :, start:stop].to(acc)  # (B, d_qk, c)
         do_chunk = grad_out[:, :, start:stop]  # (B, d_v, c)
-        p = _buffer(storage_p, batch, stop - start, n_keys)
-        torch.bmm(q_chunk.transpose(1, 2), k_acc, out=p)
-        if scale != 1.0:
-            p.mul_(scale)
-        p.sub_(lse[:, start:stop, None]).exp_()
+        p = _logits(q, k_acc, start, stop, scale, _buffer(storage_p, batch, stop - start, n_keys))
+        p.sub_(row_max[:, start:stop, None]).exp_().div_(row_sum[:, start:stop, None])
         if dv is not None:
             dv.baddbmm_(do_chunk, p)
         if not need_qk:
@@ -119,9 +136,9 @@ def _differentiable(q, k, v, scale):
     outs, lses = [], []
     for start, stop in _chunks(q.shape[2], rows):
         logits = torch.bmm(q[:, :, start:stop].transpose(1, 2).to(acc), k_acc) * scale
-        lse = torch.logsumexp(logits, dim=-1)
-        outs.append(torch.bmm(v_acc, torch.exp(logits - lse[..., None]).transpose(1, 2)))
-        lses.append(lse)
+        # softmax, not exp(logits - lse): see the module docstring
+        outs.append(torch.bmm(v_acc, torch.softmax(logits, dim=-1).transpose(1, 2)))
+        lses.append(torch.logsumexp(logits, dim=-1))
     if not outs:  # N == 0
         return q.new_zeros(q.shape[0], v.shape[1], 0), q.new_zeros(q.shape[0], 0, dtype=acc)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=1)
@@ -153,25 +170,21 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         with _no_autocast(q.device):
-            out, lse = _forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+            out, lse, row_max, row_sum = _forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.scale = scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, row_max, row_sum = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         with _no_autocast(q.device):
-            return _ChunkedAttention._backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs)
-
-    @staticmethod
-    def _backward(ctx, q, k, v, out, lse, grad_out, grad_lse, needs):
-        if torch.is_grad_enabled():
-            return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None,)
-        return _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale, needs) + (None,)
+            if torch.is_grad_enabled():
+                return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None,)
+            return _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.scale, needs) + (None,)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:

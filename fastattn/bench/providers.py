@@ -26,7 +26,8 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_A
 # <sdpa name>+copy: SDPA on token-major contiguous copies (the copies are timed too). The fused SDPA
 # kernels want the last dimension contiguous, which the channel-major views are not.
 SDPA_COPY = tuple(f"{name}+copy" for name in ("sdpa", *SDPA_BACKENDS))
-ALL_PROVIDERS = ("naive", "sdpa", *SDPA_BACKENDS, *SDPA_COPY, "fastattn-torch", "fastattn-triton", "naive-compile")
+ALL_PROVIDERS = ("naive", "sdpa", *SDPA_BACKENDS, *SDPA_COPY, "flex", "fastattn-torch", "fastattn-triton",
+                 "naive-compile")
 # Providers that materialise the (B, N, M) matrices, so the memory budget applies to them.
 _MATERIALISING = ("naive", "naive-compile", "sdpa-math")
 
@@ -41,7 +42,7 @@ def default_providers(device: torch.device) -> list[str]:
     """What runs when --provider is not given. On CPU, Triton only runs interpreted (slow, and not
     for automatic use) and torch.compile's C++ build takes minutes: both only on request."""
     if device.type == "cuda":
-        return ["naive", *SDPA_BACKENDS, "sdpa-efficient+copy", "sdpa-cudnn+copy", "fastattn-torch",
+        return ["naive", *SDPA_BACKENDS, "sdpa-efficient+copy", "sdpa-cudnn+copy", "flex", "fastattn-torch",
                 "fastattn-triton", "naive-compile"]
     return ["naive", "sdpa", "fastattn-torch"]
 
@@ -136,6 +137,32 @@ def _compiled_naive() -> Fn:
     return run
 
 
+_FLEX = []
+
+
+def _flex_attention() -> Fn:
+    """FlexAttention (torch.nn.attention.flex_attention) on token-major copies, compiled (it is a
+    fused kernel only under torch.compile; eager flex_attention runs the math path)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as error:
+        raise NotSupported(f"torch.nn.attention.flex_attention is not available: {error}") from error
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention))
+    compiled = _FLEX[0]
+
+    def run(q, k, v, scale):
+        try:
+            out = compiled(*(_to_token_major(t, True) for t in (q, k, v)), scale=scale)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as error:  # unsupported head widths, no compiler toolchain, ...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise NotSupported(f"flex_attention failed: {type(error).__name__}: {first}") from error
+        return out.squeeze(1).transpose(1, 2)
+    return run
+
+
 def make_provider(name: str) -> Fn:
     """The callable for one provider; raises NotSupported when it cannot be built here."""
     if name == "naive":
@@ -152,5 +179,7 @@ def make_provider(name: str) -> Fn:
         return _fastattn("triton")
     if name == "naive-compile":
         return _compiled_naive()
+    if name == "flex":
+        return _flex_attention()
     raise ValueError(f"provider must be one of {list(ALL_PROVIDERS)}, got {name!r}")
 

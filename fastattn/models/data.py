@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ImageDataset", "SHAPE_CLASSES", "IMAGE_EXTENSIONS", "shapes_dataset", "folder_dataset",
-           "render_shapes"]
+__all__ = ["ImageDataset", "SHAPE_CLASSES", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO",
+           "shapes_dataset", "folder_dataset", "render_shapes"]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -101,11 +101,37 @@ def shapes_dataset(resolution: int, n_images: int = 4096, seed: int = 0) -> Imag
     return ImageDataset(torch.cat(chunks), labels, SHAPE_CLASSES, f"generated shapes (seed {seed})")
 
 
+# Bounds on an image's header, checked before a pixel is decoded: a file claiming more pixels
+# (a decompression bomb) or a stranger shape (1 x 60,000,000 pixels is 58 KB as a PNG and ~184 GB
+# once its shorter side is scaled to 32) is refused with its name. 64 megapixels is a large
+# camera photo; 20:1 is past any panorama worth training on.
+MAX_IMAGE_PIXELS = 64 * 2**20
+MAX_ASPECT_RATIO = 20
+
+
+class _RefusedImage(ValueError):
+    """An image whose header is out of bounds (the message says which and names the file)."""
+
+
+def _check_image_size(path: Path, width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise _RefusedImage(f"--data: image {path} has no pixels ({width} x {height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _RefusedImage(f"--data: image {path} is {width} x {height} = {width * height:,} pixels, more than "
+                            f"the {MAX_IMAGE_PIXELS:,} accepted (a decompression bomb, or a huge image): "
+                            f"downscale it or remove it from the folder")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise _RefusedImage(f"--data: image {path} is {width} x {height} pixels, an aspect ratio of {ratio:,.0f}:1, "
+                            f"more than the {MAX_ASPECT_RATIO}:1 accepted: crop it or remove it from the folder")
+
+
 def _load_image(path: Path, resolution: int) -> Tensor:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            _check_image_size(path, *image.size)
             image = image.convert("RGB")
             scale = resolution / min(image.size)
             size = (max(resolution, round(image.size[0] * scale)), max(resolution, round(image.size[1] * scale)))
@@ -113,8 +139,10 @@ def _load_image(path: Path, resolution: int) -> Tensor:
             left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
             image = image.crop((left, top, left + resolution, top + resolution))
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    except OSError as error:
-        raise ValueError(f"--data: cannot read image {path}: {error}") from error
+    except _RefusedImage:
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, DecompressionBombError, struct.error, ...
+        raise ValueError(f"--data: cannot read image {path}: {type(error).__name__}: {error}") from error
     return data.view(resolution, resolution, 3).permute(2, 0, 1).contiguous()
 
 

@@ -1,4 +1,4 @@
-"""Pictures of a training run: a sample grid PNG and a loss-curve PNG."""
+"""Pictures of a training run: a sample grid PNG and a loss-curve PNG, each written atomically."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .files import atomic_write
 
 __all__ = ["save_grid", "plot_losses"]
 
@@ -25,8 +27,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: in
     array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+    return atomic_write(path, lambda file: Image.fromarray(array).save(file, format="PNG"))
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -74,6 +75,7 @@ def plot_losses(rows: list[dict], path: str | Path, title: str = "", fd8_initial
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
+    finally:
+        plt.close(fig)

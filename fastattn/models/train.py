@@ -4,9 +4,12 @@
     fastattn train --out runs/mine --data ~/pictures --resolution 64 --steps 20000 --device cuda
     fastattn train --out runs/shapes --resume --steps 3000  # continue a run exactly where it stopped
 
-Writes into --out: log.jsonl (one JSON object per step), checkpoint.pt (resumable: models,
-optimizers, RNG states, step), samples/step_XXXXXX.png grids at intervals and at the end,
-samples.png (the latest grid), losses.png, config.json and, at the end, summary.json.
+Writes into --out: log.jsonl (one JSON object per step; a NaN or infinite number is the string
+"NaN", "Infinity" or "-Infinity"), checkpoint.pt (resumable: models, optimizers, RNG states, step;
+plain data with a sha256, see fastattn.models.checkpoint) and checkpoint.prev.pt (the one before),
+samples/step_XXXXXX.png grids at intervals and at the end, samples.png (the latest grid),
+losses.png, config.json and, at the end, summary.json. Each file is written atomically, and .lock
+keeps a second run out of the folder while this one runs (fastattn.models.files).
 
 "Shows learning" is measured by FD8, the Frechet distance between 8x8-pooled samples and the
 data (fastattn.models.metrics): it is logged at every sample interval and summary.json reports
@@ -18,15 +21,21 @@ machine while other jobs shared it; use --threads 1 on a busy machine).
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..argtypes import number_type
+from .checkpoint import CheckpointError, load_checkpoint, previous_checkpoint, save_checkpoint
 from .data import folder_dataset, shapes_dataset
+from .files import (RunFileError, RunLockedError, atomic_write_text, json_line, json_safe, read_jsonl,
+                    remove_stale_tmp, run_lock)
 from .gan import Discriminator, Generator
 from .trainer import GANTrainer
 from .metrics import fd8, frechet_distance, pooled_features
@@ -47,6 +56,13 @@ DEFAULT_STEPS = 500
 RESUMABLE_CHANGES = ("steps", "device", "attention", "backend")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT, LOG = "checkpoint.pt", "log.jsonl"
+# Files written into --out, whose `.tmp` a killed run may leave behind (removed at the next start).
+_OUTPUTS = (CHECKPOINT, "checkpoint.prev.pt", LOG, "config.json", "summary.json", "samples.png", "losses.png",
+            "samples/step_*.png")
+# module -> package of the [train] extra
+_TRAIN_PACKAGES = {"PIL": "pillow", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+_ALREADY_A_RUN = ("--out {out!r} already holds a run (" + CHECKPOINT + "): pass --resume to continue it "
+                  "or choose another --out")
 
 
 _positive_int = number_type(int, strict=True)
@@ -166,17 +182,35 @@ def _build_models(parser, config: dict, n_classes: int, attention: str, backend)
     return G, D
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _read_log(parser, path: Path, step: int) -> list[dict]:
+    """The log's rows up to `step` (the checkpoint's), saying on stderr what is torn or missing."""
+    try:
+        rows, note = read_jsonl(path)
+    except RunFileError as error:
+        parser.error(f"--resume: {error}")
+    if note:
+        print(f"fastattn train: {note}", file=sys.stderr)
+    by_step = {}
+    for row in rows:
+        if isinstance(row.get("step"), int) and row["step"] <= step:
+            by_step[row["step"]] = row  # a step logged twice (by an older fastattn): keep the last
+    missing = [s for s in range(1, step + 1) if s not in by_step]
+    if missing or len(by_step) != sum(1 for r in rows if isinstance(r.get("step"), int) and r["step"] <= step):
+        print(f"fastattn train: warning: {path} " + (f"has no record of {len(missing)} of the checkpoint's "
+              f"{step} steps ({_ranges(missing)}); they are lost, training continues" if missing else
+              "logged some steps twice; the last record of each is kept"), file=sys.stderr)
+    return [by_step[s] for s in sorted(by_step)]
 
 
-def _read_log(path: Path, up_to_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= up_to_step]
+def _ranges(numbers: list[int]) -> str:
+    spans, first = [], None
+    for i, n in enumerate(numbers):
+        if first is None:
+            first = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            spans.append(f"step {first}" if first == n else f"steps {first}-{n}")
+            first = None
+    return ", ".join(spans[:5]) + (", ..." if len(spans) > 5 else "")
 
 
 class _Evaluator:
@@ -206,25 +240,78 @@ class _Evaluator:
         return fd8(self.trainer.sample(self.fd_z, self.fd_y), self.data_features) if self.fd_samples else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    ckpt_path, log_path = out / CHECKPOINT, out / LOG
-    saved_state = None
-    if args.resume:
-        if not ckpt_path.exists():
-            parser.error(f"--resume: no {CHECKPOINT} in --out {str(out)!r} to resume from")
-        saved_state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    elif ckpt_path.exists():
-        parser.error(f"--out {str(out)!r} already holds a run ({CHECKPOINT}): pass --resume to continue it "
-                     f"or choose another --out")
-    config = _resolve_config(parser, args, saved_state["config"] if saved_state else None)
-    steps = args.steps or (saved_state or {}).get("target_steps") or DEFAULT_STEPS
-    device = _resolve_device(parser, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _check_backend(parser, args.backend, args.attention)
+def _check_train_packages(parser) -> None:
+    """Before anything is written: the packages of the [train] extra must be importable."""
+    missing = []
+    for module, package in _TRAIN_PACKAGES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        parser.error(f"fastattn train needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                     f"not installed here: pip install \"fastattn[train]\"")
+
+
+def _load_checkpoint(parser, path: Path) -> dict:
+    try:
+        state = load_checkpoint(path, required=("trainer", "config", "extra", "target_steps"))
+        if not isinstance(state["trainer"], dict) or not isinstance(state["trainer"].get("step"), int):
+            raise CheckpointError(path, "holds no trainer state with a step count")
+        if not isinstance(state["config"], dict) or set(state["config"]) - set(DEFAULTS):
+            raise CheckpointError(path, "holds a config that is not one of fastattn train's")
+        return state
+    except CheckpointError as error:
+        parser.error(f"--resume: {error}.\n{_what_to_do(path)}")
+
+
+def _what_to_do(path: Path) -> str:
+    previous = previous_checkpoint(path)
+    text = (f"Start a fresh run (another --out, or empty {path.parent}) or go back to an earlier checkpoint"
+            + (f": the previous one is {previous}; move it to {path} and pass --resume again"
+               if previous.exists() else ""))
+    return text
+
+
+def _check_backend_runs(parser, args, config: dict, device: torch.device) -> None:
+    """The backend named by --backend or FASTATTN_BACKEND must take this run's attention inputs,
+    checked now (on small inputs of the real device, dtype and widths) so the advice is in CLI terms."""
+    from ..dispatch import ENV_VAR, available_backends
+
+    if args.attention != "fastattn":
+        return
+    name, flag = args.backend, f"--backend {args.backend}"
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or None
+        flag = f"{ENV_VAR}={name} (from the environment)"
+    if name is None:
+        return
+    backends = available_backends()
+    if name not in backends:
+        parser.error(f"{flag}: the backend must be one of {sorted(backends)}; unset {ENV_VAR} "
+                     f"or pass --backend torch")
+    fixes = ("pass --backend torch or leave --backend out for the automatic choice" if args.backend else
+             f"unset {ENV_VAR}, or pass --backend torch (it overrides the variable)")
+    if device.type == "cpu":
+        fixes = "use --device cuda (the Triton kernels run on CUDA GPUs), or " + fixes
+    dtype = DTYPES[config["dtype"]]
+    for attn_res in (config["g_attn_res"], config["d_attn_res"]):
+        if not attn_res:
+            continue
+        width = config["ch"]  # the narrowest a layer is; only device, dtype and size limits matter here
+        n_keys = (attn_res // 2) ** 2 if config["attn_pool"] else attn_res ** 2
+        q = torch.empty(1, max(1, width // 8), attn_res ** 2, device=device, dtype=dtype)
+        k = torch.empty(1, q.shape[1], n_keys, device=device, dtype=dtype)
+        v = torch.empty(1, width, n_keys, device=device, dtype=dtype)
+        reasons = backends[name].reasons(q, k, v)
+        if reasons:
+            parser.error(f"{flag} cannot run this run's attention ({config['dtype']} on --device {device}): "
+                         f"{'; '.join(reasons)}.\nIn fastattn train: {fixes}")
+
+
+def _prepare(parser, args, config: dict, device: torch.device):
+    """Dataset, trainer and evaluator of a run; writes nothing."""
+    _check_backend_runs(parser, args, config, device)
     dataset = _load_dataset(parser, config)
     n_classes = dataset.n_classes if config["conditional"] else 0
     G, D = _build_models(parser, config, n_classes, args.attention, args.backend)
@@ -232,22 +319,74 @@ def main(argv: list[str] | None = None) -> int:
                          betas=(config["beta1"], config["beta2"]), d_steps=config["d_steps"], seed=config["seed"],
                          device=device, dtype=DTYPES[config["dtype"]])
     evaluator = _Evaluator(trainer, dataset, config["seed"], args.fd_samples)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**config, "attention": args.attention, "backend": args.backend,
-                                                 "device": str(device), "steps": steps,
-                                                 "dataset": dataset.source, "n_classes": n_classes}, indent=2))
-    if saved_state:
-        trainer.load_state_dict(saved_state["trainer"])
-        extra = saved_state["extra"]
+    return dataset, n_classes, trainer, evaluator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_train_packages(parser)
+    out = Path(args.out)
+    ckpt_path = out / CHECKPOINT
+    if args.resume and not ckpt_path.exists():
+        parser.error(f"--resume: no {CHECKPOINT} in --out {str(out)!r} to resume from")
+    if not args.resume and ckpt_path.exists():
+        parser.error(_ALREADY_A_RUN.format(out=str(out)))
+    device = _resolve_device(parser, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_backend(parser, args.backend, args.attention)
+    prepared = None
+    if not args.resume:  # everything that can fail on the arguments fails before --out is created
+        config = _resolve_config(parser, args, None)
+        prepared = _prepare(parser, args, config, device)
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(out):
+            remove_stale_tmp(out, _OUTPUTS)
+            return _run(parser, args, out, device, prepared)
+    except RunLockedError as error:
+        parser.error(str(error))
+    except RunFileError as error:
+        resume = " (then continue the run with --resume)" if ckpt_path.exists() else ""
+        parser.exit(1, f"fastattn train: error: {error}{resume}\n")
+
+
+def _run(parser, args, out: Path, device: torch.device, prepared) -> int:
+    """The run, with --out locked."""
+    ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    saved_state = None
+    if args.resume:
+        saved_state = _load_checkpoint(parser, ckpt_path)
+        config = _resolve_config(parser, args, saved_state["config"])
+        prepared = _prepare(parser, args, config, device)
+    elif ckpt_path.exists():  # another run finished in --out while this one was getting ready
+        parser.error(_ALREADY_A_RUN.format(out=str(out)))
     else:
+        config = _resolve_config(parser, args, None)
+    dataset, n_classes, trainer, evaluator = prepared
+    steps = args.steps or (saved_state or {}).get("target_steps") or DEFAULT_STEPS
+    if saved_state:
+        at = saved_state["trainer"]["step"]
+        if steps < at:
+            parser.error(f"--resume --steps {steps}: the run in --out {str(out)!r} is already at step {at}; "
+                         f"--steps is the total, so pass --steps {at} or more")
+        try:
+            trainer.load_state_dict(saved_state["trainer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            parser.error(f"--resume: {ckpt_path} does not fit the model its own config describes "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}).\n"
+                         f"{_what_to_do(ckpt_path)}")
+        extra = saved_state["extra"]
+        rows = _read_log(parser, log_path, trainer.step)
+    atomic_write_text(out / "config.json", _json({**config, "attention": args.attention, "backend": args.backend,
+                                                  "device": str(device), "steps": steps,
+                                                  "dataset": dataset.source, "n_classes": n_classes}))
+    if not saved_state:
         extra = {"fd8_initial": evaluator.fd8(), "seconds": 0.0}
         evaluator.grid(out / "samples" / "step_000000.png")
-    rows = _read_log(log_path, trainer.step)
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def checkpoint() -> None:
-        _atomic_save({"trainer": trainer.state_dict(), "config": config, "extra": extra,
-                      "target_steps": steps}, ckpt_path)
+        rows = []
+    atomic_write_text(log_path, "".join(json_line(r) for r in rows))
 
     def report(row: dict | None) -> None:
         evaluator.grid(out / "samples" / f"step_{trainer.step:06d}.png")
@@ -262,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(total=steps, initial=min(trainer.step, steps), desc="fastattn train", disable=args.quiet,
                dynamic_ncols=True)
-    with log_path.open("a") as log:
+    with log_path.open("a", encoding="utf-8") as log:
         while trainer.step < steps:
             start = time.perf_counter()
             row = trainer.train_step()
@@ -272,19 +411,46 @@ def main(argv: list[str] | None = None) -> int:
             last = trainer.step == steps
             if last or (args.sample_every and trainer.step % args.sample_every == 0):
                 report(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            _append(log, log_path, json_line(row))
             if last or (args.ckpt_every and trainer.step % args.ckpt_every == 0):
-                checkpoint()
+                _sync(log, log_path)  # every row the checkpoint covers is on disk before it
+                save_checkpoint({"trainer": trainer.state_dict(), "config": config, "extra": extra,
+                                 "target_steps": steps}, ckpt_path)
             bar.update(1)
             bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}", refresh=False)
     bar.close()
     if not rows or rows[-1]["step"] != trainer.step:  # resumed a finished run: refresh the pictures
         report(None)
     summary = _summary(rows, extra, evaluator, trainer.step)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", _json(summary))
     print(_summary_line(summary, out))
     return 0
+
+
+def _json(value) -> str:
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def _append(log, path: Path, line: str) -> None:
+    try:
+        log.write(line)
+        log.flush()
+    except OSError as error:
+        raise _log_error(path, error) from error
+
+
+def _sync(log, path: Path) -> None:
+    try:
+        os.fsync(log.fileno())
+    except OSError as error:
+        raise _log_error(path, error) from error
+
+
+def _log_error(path: Path, error: OSError) -> RunFileError:
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return RunFileError(f"the disk is full: appending to {path} failed ({error.strerror}); its last line may "
+                            f"be torn, which the next --resume drops. Free some space and run again")
+    return RunFileError(f"cannot append to {path}: {error}")
 
 
 def _summary(rows: list[dict], extra: dict, evaluator: _Evaluator, step: int) -> dict:

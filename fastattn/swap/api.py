@@ -1,8 +1,16 @@
 """`swap_attention(model)`: make the attention layers already inside a model run through fastattn.
 
-The layers are found by structure (`families.py`), never by importing the user's code, verified
-by the probe (`probe.py`) and swapped by replacing `forward` on the instance (`forward.py`);
-`handle.revert()` (`handle.py`) gives them their own forward back.
+A layer is found in two ways, never by importing the user's code: by structure (`families.py`,
+the fast path: names and shapes of a known family), else by what its forward computes
+(`capture.py`: the softmax(q^T k) v core found in a trace of the forward on a probe input). Either
+way it is verified by the probe (`probe.py`) and swapped by replacing `forward` on the instance
+(`forward.py`); `handle.revert()` (`handle.py`) gives it its own forward back.
+
+Which modules are traced: those whose class's own methods call softmax or
+scaled_dot_product_attention, or that hold an nn.Softmax child, and are not torch.nn's own. A
+module whose forward mentions attention only through children (a generator, a residual block) is
+not traced: its attention children are found themselves. Once a module is swapped by capture, its
+descendants run inside its forward and are left as they are.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from ..nn import SelfAttention2d
 from .families import match
 from .forward import STATE, SwapState, install_forward, uninstall_forward
 from .handle import SkippedLayer, SwapHandle, SwappedLayer
-from .probe import probe
+from .probe import capture_and_probe, probe
 
 __all__ = ["swap_attention"]
 
@@ -41,6 +49,34 @@ class _Unset:
 _UNSET = _Unset()  # backend= not passed
 
 
+_ATTENTION_NAMES = {"softmax", "Softmax", "scaled_dot_product_attention"}
+
+
+def _code_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):  # nested functions and comprehensions
+            names |= _code_names(const)
+    return names
+
+
+def _traceable_candidate(module: nn.Module) -> bool:
+    """Whether the module looks like it computes attention itself (see the module docstring):
+    its class's own methods name softmax / scaled_dot_product_attention in their bytecode (works
+    without source files, e.g. for classes defined in a notebook or exec), or it holds an
+    nn.Softmax child."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.") or cls.__module__.startswith("fastattn."):
+        return False
+    if any(isinstance(child, nn.Softmax) for child in module.children()):
+        return True
+    for value in vars(cls).values():
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None and _code_names(code) & _ATTENTION_NAMES:
+            return True
+    return False
+
+
 def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bool = False,
                    verify: bool = True) -> SwapHandle:
     """Make every recognised attention layer in `model` run through fastattn, in place.
@@ -63,8 +99,11 @@ def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bo
     backend = backend if backend_given else None
     check_backend_name(backend)
     handle = SwapHandle()
+    inside_traced: list[str] = []  # qualified names of modules swapped by capture
     for name, module in model.named_modules():
         kind = type(module).__name__
+        if any(name.startswith(prefix + ".") or prefix == "" for prefix in inside_traced):
+            continue
         if isinstance(module, SelfAttention2d):
             if module.attention == "fastattn" and (not backend_given or module.backend == backend):
                 handle.already_swapped.append(SwappedLayer(name, "fastattn", kind))
@@ -74,29 +113,45 @@ def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bo
                 handle._installed.append((record, _native_swap(module, backend)))
             continue
         if STATE in module.__dict__:
-            handle.already_swapped.append(SwappedLayer(name, module.__dict__[STATE].family.name, kind))
+            handle.already_swapped.append(SwappedLayer(name, module.__dict__[STATE].name, kind))
+            if module.__dict__[STATE].family is None:
+                inside_traced.append(name)
             continue
         matches = match(module)
-        if not matches:
+        traceable = _traceable_candidate(module)
+        if not matches and not traceable:
             continue
+        patched = "forward" in module.__dict__ or "_replicate_for_data_parallel" in module.__dict__
         reasons = {m.family.name: list(m.reasons) for m in matches}
-        chosen = None
+        state, error = None, None
         for candidate in (m for m in matches if m.ok):
-            if "forward" in module.__dict__ or "_replicate_for_data_parallel" in module.__dict__:
+            if patched:
                 reasons[candidate.family.name] = ["its forward is already replaced on this instance by other code"]
                 continue
-            failure = probe(module, candidate.family) if verify else None
+            failure, error = probe(module, candidate.family) if verify else (None, None)
             if failure:
                 reasons[candidate.family.name] = [failure]
                 continue
-            chosen = candidate.family
+            state = SwapState(candidate.family, backend)
             break
-        if chosen is None:
+        if state is None and traceable:
+            if patched:
+                reasons["traced"] = ["its forward is already replaced on this instance by other code"]
+            else:
+                cores, pattern, error, why = capture_and_probe(module, backend)
+                if cores is None:
+                    reasons["traced"] = [f"{why[0]}" + (f" (found: {pattern})" if pattern else "")]
+                    reasons["traced"] += why[1:]
+                else:
+                    state = SwapState(None, backend, cores=cores, pattern=pattern)
+        if state is None:
             handle.skipped.append(SkippedLayer(name, kind, reasons))
             continue
-        state = SwapState(chosen, backend)
         install_forward(module, state)
-        record = SwappedLayer(name, chosen.name, kind)
+        if state.family is None:
+            inside_traced.append(name)
+        pattern = state.pattern or (state.family.source if state.family else "")
+        record = SwappedLayer(name, state.name, kind, pattern, error)
         handle.swapped.append(record)
         handle._installed.append((record, lambda module=module, state=state: uninstall_forward(module, state)))
         handle._states.append((name, state))

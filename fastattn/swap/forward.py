@@ -17,18 +17,37 @@ from torch import Tensor, nn
 from ..attention_map import AttentionMap
 from ..nn import attention_core
 from ..reference import default_scale
+from .capture import AttentionCapture, warn_miss
 from .families import AttentionFamily, forward_signature
 
-__all__ = ["run_family", "is_swapped", "install_forward", "uninstall_forward", "SwapState", "STATE"]
+__all__ = ["run_family", "run_traced", "is_swapped", "install_forward", "uninstall_forward", "SwapState", "STATE"]
 
 STATE = "_fastattn_swap"
 
 
 @dataclass
 class SwapState:
-    family: AttentionFamily
+    family: AttentionFamily | None  # None: captured by computation ("traced")
     backend: str | None
     recorder: list | None = field(default=None, compare=False)
+    cores: dict | None = None  # traced: {training: positions of the core calls} (capture.py)
+    pattern: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.family.name if self.family is not None else "traced"
+
+
+def run_traced(module: nn.Module, state: SwapState, args, kwargs):
+    """The user's own forward, with only the attention core found at swap time run by fastattn."""
+    mode = AttentionCapture(state.cores.get(module.training), backend=state.backend,
+                            recorder=state.recorder)
+    with mode:
+        output = type(module).forward(module, *args, **kwargs)
+    output, _ = mode.finish(output)
+    if mode.misses:
+        warn_miss(type(module).__name__, mode.misses)
+    return output
 
 
 def run_family(module: nn.Module, family: AttentionFamily, x: Tensor, *, backend: str | None = None,
@@ -96,6 +115,8 @@ class _SwappedForward:
         module = self.module
         state: SwapState = module.__dict__[STATE]
         family = state.family
+        if family is None:
+            return run_traced(module, state, args, kwargs)
         if args and not kwargs and len(args) <= 1 + family.extra_forward_args:
             x = args[0]
         else:  # keyword call or a wrong call: let the original signature say what is wrong

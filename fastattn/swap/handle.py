@@ -12,8 +12,15 @@ __all__ = ["SwapHandle", "SwappedLayer", "SkippedLayer"]
 @dataclass(frozen=True)
 class SwappedLayer:
     name: str  # qualified name in the model ("" for the model itself)
-    family: str
+    family: str  # the family's name, "traced" (captured by computation) or "fastattn"
     module_type: str
+    pattern: str = ""  # the matched core in one line
+    max_error: float | None = None  # the probe's largest difference (None: not probed)
+
+    def __str__(self) -> str:
+        err = "" if self.max_error is None else f", probe max error {self.max_error:.2g}"
+        how = f" [{self.pattern}]" if self.pattern else ""
+        return f"swapped {self.name or '<model>'} ({self.module_type}) as {self.family}{how}{err}"
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class SwapHandle:
                 f"already_swapped={[s.name for s in self.already_swapped]})")
 
     def summary(self) -> str:
-        lines = [f"swapped {s.name or '<model>'} ({s.module_type}) as {s.family}" for s in self.swapped]
+        lines = [str(s) for s in self.swapped]
         lines += [f"already swapped {s.name or '<model>'} as {s.family}" for s in self.already_swapped]
         lines += [str(s) for s in self.skipped]
         return "\n".join(lines) or "no attention layers found"

@@ -23,12 +23,22 @@ MAX_D_QK = 256
 MAX_D_V = 8192
 # The batch is grid axis 2, which CUDA limits to 65535 programs.
 MAX_BATCH = 65535
-# Offsets within one batch element are int32 in the kernels (the batch offset is int64).
+# Offsets within one batch element are int32 in the kernels (the batch offset is int64): the
+# span a strided view reaches within one batch element, not its element count, must stay below.
 MAX_ELEMENTS_PER_SAMPLE = 2**31
 _CPU_NEEDS_INTERPRETER = (
     "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first imported "
     "(or move the tensors to a CUDA device)"
 )
+
+
+def _in_sample_span(t) -> int:
+    """1 + the largest element offset within one batch element of a (B, C, L) view: what the
+    kernels' int32 offsets must address (a channel slice of a wide conv output or a
+    channels_last view spans more than its C * L elements)."""
+    if any(size == 0 for size in t.shape[1:]):
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
 
 
 _ops = None
@@ -87,10 +97,13 @@ class TritonBackend(Backend):
         if batch > MAX_BATCH:
             reasons.append(f"batch size {batch} is more than the launch grid's maximum of {MAX_BATCH}")
         n_queries, n_keys = q.shape[2], k.shape[2]
-        per_sample = max(d_qk, d_v, 1) * max(n_queries, n_keys)
+        # the inputs as strided, out and the gradients as the contiguous buffers the kernels write
+        per_sample = max(_in_sample_span(q), _in_sample_span(k), _in_sample_span(v),
+                         max(d_qk, d_v, 1) * max(n_queries, n_keys))
         if per_sample >= MAX_ELEMENTS_PER_SAMPLE:
-            reasons.append(f"one batch element of q, k, v or out has {per_sample} elements, at least the "
-                           f"{MAX_ELEMENTS_PER_SAMPLE} (2**31) that the kernels' int32 in-sample offsets can address")
+            reasons.append(f"one batch element of q, k, v or out spans {per_sample} elements (as strided), at "
+                           f"least the {MAX_ELEMENTS_PER_SAMPLE} (2**31) that the kernels' int32 in-sample "
+                           "offsets can address; pass contiguous tensors (.contiguous()) if they are views")
         device = q.device
         if device.type == "cpu":
             if not _interpreting():

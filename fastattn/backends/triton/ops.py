@@ -1,8 +1,12 @@
 """The Triton kernels as torch.library operators, with fake implementations and autograd.
 
-    torch.ops.fastattn.attention_forward(q, k, v, scale, precision) -> (out, lse)
-    torch.ops.fastattn.attention_backward(grad_out, grad_lse, q, k, v, out, lse, scale, precision)
+    torch.ops.fastattn.attention_forward(q, k, v, scale, precision) -> (out, lse, stats)
+    torch.ops.fastattn.attention_backward(grad_out, grad_lse, q, k, v, out, stats, scale, precision)
         -> (dq, dk, dv)
+
+`stats` (B, 2, N) fp32 holds each query's row max and row sum of the base-2 logits, which the
+backward recomputes probabilities from (kernels/forward.py says why not from the lse); it is
+not differentiable and `attention` does not return it.
 
 Registered with torch.library.triton_op where the installed torch has it (torch.compile then
 sees the Triton kernels themselves, and fullgraph compiles have no graph break), otherwise with
@@ -60,27 +64,28 @@ def _kernel_call():
     return torch.library.wrap_triton if USES_TRITON_OP else _plain
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     batch, d_qk, n_queries = q.shape
     d_v = v.shape[1]
     out = q.new_empty((batch, d_v, n_queries))
     lse = q.new_empty((batch, n_queries), dtype=torch.float32)
+    stats = q.new_empty((batch, 2, n_queries), dtype=torch.float32)
     if n_queries == 0:
-        return out, lse
+        return out, lse, stats
     d_pad = pad_width(d_qk)
 
     def run(config):
-        launch_forward(_plain, q, k, v, out, lse, scale, precision, config, d_pad)
+        launch_forward(_plain, q, k, v, out, lse, stats, scale, precision, config, d_pad)
 
     config = forward_config(q, k, v, precision, run)
-    launch_forward(_kernel_call(), q, k, v, out, lse, scale, precision, config, d_pad)
-    return out, lse
+    launch_forward(_kernel_call(), q, k, v, out, lse, stats, scale, precision, config, d_pad)
+    return out, lse, stats
 
 
 def _backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-              lse: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+              stats: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     d_pad, dv_pad = pad_width(q.shape[1]), pad_width(v.shape[1])
-    args = (grad_out, grad_lse, q, k, v, out, lse, scale, precision)
+    args = (grad_out, grad_lse, q, k, v, out, stats, scale, precision)
 
     def run(config):
         launch_backward(_plain, *args, config, d_pad, dv_pad)
@@ -99,22 +104,24 @@ else:
     @attention_forward_op.register_fake
     def _forward_fake(q, k, v, scale, precision):
         batch, _, n_queries = q.shape
-        return q.new_empty((batch, v.shape[1], n_queries)), q.new_empty((batch, n_queries), dtype=torch.float32)
+        return (q.new_empty((batch, v.shape[1], n_queries)), q.new_empty((batch, n_queries), dtype=torch.float32),
+                q.new_empty((batch, 2, n_queries), dtype=torch.float32))
 
     @attention_backward_op.register_fake
-    def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, scale, precision):
+    def _backward_fake(grad_out, grad_lse, q, k, v, out, stats, scale, precision):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, precision = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    out, _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, out, stats)
     ctx.scale, ctx.precision = scale, precision
 
 
-def _attention_grad(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _attention_grad(ctx, grad_out, grad_lse, _grad_stats):
+    q, k, v, out, stats = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -123,7 +130,7 @@ def _attention_grad(ctx, grad_out, grad_lse):
         # differentiable chunked ops, which do; first-order backward stays on the kernels.
         needs = tuple(t.requires_grad for t in (q, k, v))
         return differentiable_grads(q, k, v, grad_out, grad_lse, ctx.scale, needs) + (None, None)
-    dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, ctx.precision)
+    dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, stats, ctx.scale, ctx.precision)
     return dq, dk, dv, None, None
 
 
@@ -150,7 +157,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, precision: Optional
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {list(_PRECISIONS)} or None, got {precision!r}")
     with _on_device_of(q):
-        return attention_forward_op(q, k, v, float(scale), precision)
+        out, lse, _ = attention_forward_op(q, k, v, float(scale), precision)
+    return out, lse
 
 
 def _on_device_of(t: Tensor):

@@ -104,10 +104,10 @@ def test_forward_and_backward_ops_pass_opcheck_under_the_interpreter():
 
     q, k, v = _qkv(d_qk=10, n=19, m=7, d_v=24)
     torch.library.opcheck(attention_forward_op, (q, k, v, 0.5, "ieee"))
-    out, lse = attention_forward_op(q, k, v, 0.5, "ieee")
+    out, lse, stats = attention_forward_op(q, k, v, 0.5, "ieee")
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    torch.library.opcheck(attention_backward_op, (grad_out, grad_lse, q, k, v, out, lse, 0.5, "ieee"))
-    torch.library.opcheck(attention_backward_op, (grad_out, None, q, k, v, out, lse, 0.5, "ieee"))
+    torch.library.opcheck(attention_backward_op, (grad_out, grad_lse, q, k, v, out, stats, 0.5, "ieee"))
+    torch.library.opcheck(attention_backward_op, (grad_out, None, q, k, v, out, stats, 0.5, "ieee"))
 
 
 @needs_interpreter
@@ -198,3 +198,37 @@ def test_inputs_beyond_int32_in_sample_offsets_are_refused_with_the_reason():
     v = torch.empty(1, 4, 16, device="meta", dtype=torch.float16)
     reasons = " ".join(get_backend("triton").unsupported(q, k, v))
     assert "int32 in-sample offsets" in reasons and "2**31" in reasons
+
+
+def test_strided_views_whose_in_sample_span_passes_int32_are_refused():
+    # few elements, but a channel stride of 2**30: offsets within one batch element reach 3 * 2**30
+    base = torch.empty(1, 4 * 2**30, device="meta", dtype=torch.float16)
+    q = base.as_strided((1, 4, 16), (4 * 2**30, 2**30, 1))
+    k = torch.empty(1, 4, 16, device="meta", dtype=torch.float16)
+    v = torch.empty(1, 4, 16, device="meta", dtype=torch.float16)
+    assert q.numel() == 64
+    reasons = " ".join(get_backend("triton").unsupported(q, k, v))
+    assert "int32 in-sample offsets" in reasons and f"spans {1 + 3 * 2**30 + 15} elements" in reasons
+    assert "int32" not in " ".join(get_backend("triton").unsupported(q.contiguous(), k, v))
+
+
+def test_autotuned_shape_seen_before_skips_candidates_and_device_query(monkeypatch):
+    # the autotuned path, driven on CPU: a cached key must return before any per-call work
+    from fastattn.kernels import autotune
+
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    monkeypatch.setattr(autotune, "_TUNED", {})
+    q, k, v = _qkv(d_qk=8, n=20, m=12, d_v=16)
+    calls = []
+
+    def candidates(table, *args, **kwargs):
+        calls.append("candidates")
+        return [table[0]]
+
+    monkeypatch.setattr(autotune, "_shared_bytes", lambda device: calls.append("device") or None)
+    first = autotune._config("forward", q, v, "ieee", lambda c: None, candidates, None)
+    assert calls == ["device", "candidates"]
+    calls.clear()
+    assert autotune._config("forward", q, v, "ieee", lambda c: None, candidates, None) is first
+    assert calls == []

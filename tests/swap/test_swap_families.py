@@ -1,6 +1,6 @@
 """swap_attention on each layer family of GAN_LAYERS.md: swapped vs the user's original forward.
 
-Every family replica (tests/gan_families.py) is built, its residual scalar set non-zero, deep
+Every family replica (tests/swap/gan_families.py) is built, its residual scalar set non-zero, deep
 copied and the copy swapped; both then see the same input in fp64 and fp32, train and eval mode:
 outputs, attention rows, the gradients of the input and of every parameter, the spectral-norm
 buffers after a training step, and the state_dict both ways must agree.
@@ -305,3 +305,30 @@ def test_training_probe_leaves_the_module_untouched_and_training_matches_the_ori
         for module in (original, swapped):
             torch.optim.SGD(module.parameters(), lr=0.01).step()
             module.zero_grad()
+
+
+from gan_families import Attention, set_residual_scalar  # noqa: E402
+
+
+class AttentionUsingY(Attention):
+    """BigGAN's structure (theta, phi, g, o, gamma; forward(x, y=None)) whose forward USES y."""
+
+    def forward(self, x, y=None):
+        out = super().forward(x)
+        return out if y is None else out + y[:, :, None, None]
+
+
+def test_layer_whose_forward_uses_its_extra_argument_is_never_swapped_unverified():
+    """Issue #16, item 2: the family probe called forward(x) only, so this layer was swapped as
+    biggan and then ignored y (output off by y). It must be verified with a y."""
+    torch.manual_seed(0)
+    layer = set_residual_scalar(AttentionUsingY(16).double())
+    original = AttentionUsingY(16).double()
+    original.load_state_dict(layer.state_dict())
+    handle = fastattn.swap_attention(layer, backend="torch")
+    assert all(s.family != "biggan" for s in handle.swapped), handle.summary()
+    x, y = torch.randn(2, 16, 6, 4, dtype=torch.float64), torch.full((2, 16), 2.0, dtype=torch.float64)
+    layer.eval(), original.eval()
+    with torch.no_grad():
+        assert_close(layer(x, y), original(x, y), name="output with y")
+        assert_close(layer(x), original(x), name="output without y")

@@ -1,6 +1,6 @@
 """The kernels compile for real NVIDIA targets, and the fixed configurations do not spill.
 
-The interpreter (tests/test_triton_interpreter.py) checks the maths but not what only the
+The interpreter (tests/backends/triton/test_triton_interpreter.py) checks the maths but not what only the
 compiler checks (constexpr globals, tl.dot shape rules, layouts, register pressure). Triton can
 compile for a CUDA target without a GPU: this file runs the real launchers on meta tensors with
 a recording `kernel_call`, compiles every recorded launch with triton.compile for sm_90 (and
@@ -8,7 +8,7 @@ sm_80), and reads registers and spill stack from the cubin with the cuobjdump th
 Triton. It runs in a subprocess because conftest.py switches the interpreter on in this one.
 
 Run as a script to survey every autotuning candidate at a site (a development aid):
-    python tests/test_triton_compile.py biggan128_G bf16 90
+    python tests/backends/triton/test_triton_compile.py biggan128_G bf16 90
 """
 import json
 import os
@@ -55,6 +55,7 @@ def _compile_launches(site, dtype_name, arch, which):
     q, k, v = (torch.empty(2, s.d_qk, s.N, **meta), torch.empty(2, s.d_qk, s.M, **meta),
                torch.empty(2, s.d_v, s.M, **meta))
     out, lse = torch.empty(2, s.d_v, s.N, **meta), torch.empty(2, s.N, device="meta")
+    stats = torch.empty(2, 2, s.N, device="meta")
     launches = []
 
     class record:  # noqa: N801 - stands in for torch.library.wrap_triton: record(kernel)[grid](...)
@@ -66,9 +67,9 @@ def _compile_launches(site, dtype_name, arch, which):
 
     d_pad, dv_pad = cfg.pad_width(s.d_qk), cfg.pad_width(s.d_v)
     for c in fwd:
-        launch_forward(record, q, k, v, out, lse, 1.0, "ieee", c, d_pad)
+        launch_forward(record, q, k, v, out, lse, stats, 1.0, "ieee", c, d_pad)
     for c in bwd:
-        launch_backward(record, out, lse, q, k, v, out, lse, 1.0, "ieee", c, d_pad, dv_pad)
+        launch_backward(record, out, lse, q, k, v, out, stats, 1.0, "ieee", c, d_pad, dv_pad)
 
     pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -11,6 +11,8 @@ import fastattn
 from fastattn import AttentionFamily, register_adapter, swap_attention, unregister_adapter
 from fastattn.dispatch import _REGISTRY, Backend, BackendUnavailableError, register_backend
 from fastattn.swap import is_swapped
+from fastattn.swap.families import families, match
+from fastattn.swap.probe import probe
 from fastattn.testing import assert_close
 from gan_families import (PARTIAL_MATCHES, Attention, AttentionWithNorm, ScaledSelfAttn, Self_Attn,
                           SmallDiscriminator, SmallGenerator, residual_scalars_nonzero,
@@ -18,7 +20,7 @@ from gan_families import (PARTIAL_MATCHES, Attention, AttentionWithNorm, ScaledS
 
 BIGGAN_WITH_NORM = AttentionFamily(
     "biggan_with_norm", "theta", "phi", "g", "o", "gamma", (), pool="floor", extra_forward_args=1,
-    after_residual=("norm",), source="tests/gan_families.py AttentionWithNorm")
+    after_residual=("norm",), source="tests/swap/gan_families.py AttentionWithNorm")
 
 
 @pytest.fixture
@@ -108,10 +110,18 @@ def test_adapter_swaps_a_variant_with_a_norm_after_the_residual(adapter):
     assert_close(block(x), reference(x), name="eval output")
 
 
-def test_adapter_with_scaled_logits_matches_and_the_builtin_family_refuses_it():
+def test_scaled_logits_are_refused_by_the_family_captured_with_their_scale_or_taken_by_an_adapter():
     scaled = warm_up_spectral_norm(set_residual_scalar(ScaledSelfAttn(16).double())).eval()
-    with pytest.warns(UserWarning, match="computes something other than the hf_biggan layer"):
-        assert swap_attention(copy.deepcopy(scaled)).swapped == []
+    failure, _ = probe(scaled, next(f for f in families() if f.name == "hf_biggan"))
+    assert "computes something other than the hf_biggan layer" in failure
+    captured = copy.deepcopy(scaled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = swap_attention(captured, backend="torch").swapped
+    assert [s.family for s in records] == ["traced"] and "scale 0.7071" in records[0].pattern
+    x = torch.randn(2, 16, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(captured(x), scaled(x), name="captured scaled-logit output")
     family = register_adapter(AttentionFamily(
         "hf_scaled", "snconv1x1_theta", "snconv1x1_phi", "snconv1x1_g", "snconv1x1_o_conv",
         "gamma", (1,), pool_module="maxpool", unused_children=("softmax",), scale=None))
@@ -143,13 +153,13 @@ def test_verify_false_is_what_lets_a_different_op_through():
     assert [s.family for s in swap_attention(old_fork, verify=False).swapped] == ["heykeetae"]
 
 
-def test_extra_parameter_or_buffer_means_not_the_family():
+def test_extra_parameter_or_buffer_means_not_the_family_and_capture_takes_the_layer():
     layer = Self_Attn(16, "relu")
     layer.beta = nn.Parameter(torch.zeros(1))
     layer.register_buffer("step", torch.zeros(()))
-    with pytest.warns(UserWarning):
-        skipped = swap_attention(layer).skipped
-    assert "['beta']" in str(skipped[0]) and "['step']" in str(skipped[0])
+    (found,) = match(layer)
+    assert "['beta']" in str(found.reasons) and "['step']" in str(found.reasons)
+    assert [s.family for s in swap_attention(layer).swapped] == ["traced"]
 
 
 def test_instance_forward_patched_by_other_code_is_not_overwritten():

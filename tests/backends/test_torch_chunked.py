@@ -101,6 +101,44 @@ def test_low_precision_gradients_within_3x_of_naive_error(dtype):
         assert max_abs_error(g, w) <= bound, f"{name}: {max_abs_error(g, w):.3g} > {bound:.3g}"
 
 
+# --- fp32 at large unscaled logits ----------------------------------------------------------
+# Unscaled GAN logits reach |s| ~ 1e4; there the softmax is nearly one-hot and the naive path's
+# largest probability is exactly 1 (benchmarks/large_logit_accuracy.py sweeps this).
+LARGE_LOGIT_SHAPES = [(2, 10, 63, 40, 96), (2, 8, 64, 64, 16)]  # (B, d_qk, N, M, d_v)
+
+
+def _scaled_to_logit_magnitude(shape, magnitude, seed):
+    """q, k, v, grad_out, grad_lse in fp32, with q and k scaled so that max |q.k| = magnitude."""
+    batch, d_qk, n, m, d_v = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(batch, d_qk, n, generator=gen), torch.randn(batch, d_qk, m, generator=gen)
+    factor = (magnitude / float(torch.bmm(q.transpose(1, 2), k).abs().max())) ** 0.5
+    v = torch.randn(batch, d_v, m, generator=gen)
+    return q * factor, k * factor, v, torch.randn(batch, d_v, n, generator=gen), torch.randn(batch, n, generator=gen)
+
+
+def _out_lse_grads(fn, q, k, v, grad_out, grad_lse):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    torch.autograd.backward([out, lse], [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("magnitude", [40, 400, 2.5e3, 1.1e4, 3e4])
+@pytest.mark.parametrize("shape", LARGE_LOGIT_SHAPES, ids=lambda s: "B{}_dqk{}_N{}_M{}_dv{}".format(*s))
+def test_fp32_out_lse_and_gradients_within_accuracy_rule_at_large_unscaled_logits(shape, magnitude):
+    q, k, v, grad_out, grad_lse = _scaled_to_logit_magnitude(shape, magnitude, seed=0)
+    naive_fn = lambda *t: reference_attention(*t, return_lse=True)  # noqa: E731
+    want = _out_lse_grads(naive_fn, q.double(), k.double(), v.double(), grad_out.double(), grad_lse.double())
+    naive = _out_lse_grads(naive_fn, q, k, v, grad_out, grad_lse)
+    got = _out_lse_grads(lambda *t: torch_backend(*t, return_lse=True), q, k, v, grad_out, grad_lse)
+    ratios = [constants.ERROR_RATIO_OUT] * 2 + [constants.ERROR_RATIO_GRAD] * 3
+    for name, g, n, w, ratio in zip(("out", "lse", "dq", "dk", "dv"), got, naive, want, ratios):
+        bound = error_bound(max_abs_error(n, w), ratio, torch.float32)
+        assert max_abs_error(g, w) <= bound, (
+            f"{name}: error {max_abs_error(g, w):.3g} > {bound:.3g} ({ratio}x naive {max_abs_error(n, w):.3g} + floor)")
+
+
 def test_strided_inputs_give_the_same_result_as_contiguous_ones():
     """Views straight from a 1x1 conv, a max-pool, and transposed token-major tensors."""
     torch.manual_seed(0)

@@ -133,3 +133,16 @@ def test_cuda_compiled_swapped_generator_matches_eager():
     compiled = torch.compile(compiled_model)
     z, y = _zy(device="cuda")
     assert_close(compiled(z, y), eager(z, y), name="compiled (inductor) output")
+
+
+@pytest.mark.parametrize("name", ["groupnorm_attnblock", "multihead_qkv_einsum_h32", "sdpa_heads"])
+def test_layer_captured_by_computation_compiles_fullgraph_and_matches_eager(name):
+    from swap_corpus import CORPUS
+
+    build, (c, h, w), _ = CORPUS[name]
+    layer = build()
+    assert [s.family for s in fastattn.swap_attention(layer, backend="torch").swapped] == ["traced"]
+    x = torch.randn(2, c, h, w)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    assert_close(compiled(x), layer(x), name=f"{name} compiled output")

@@ -80,6 +80,8 @@ def test_device_mismatch_is_a_value_error():
     (True, TypeError, r"scale must be a real number or None, got bool"),
     (math.inf, ValueError, r"scale must be finite, got inf"),
     (math.nan, ValueError, r"scale must be finite, got nan"),
+    (10**400, ValueError, r"scale must be finite, got an integer of 401 digits, beyond the largest float"),
+    (-10**400, ValueError, r"scale must be finite, got an integer of 401 digits"),
 ])
 def test_bad_scale_is_rejected(scale, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -130,3 +132,17 @@ def test_nan_and_inf_inputs_propagate_exactly_like_the_reference(backend, dtype)
     finite = want.isfinite()
     torch.testing.assert_close(got[finite].double(), want[finite])
     assert finite.any() and (~finite).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_meta_tensors_give_empty_meta_results_of_the_right_shapes(dtype):
+    q, k, v = (t.to("meta") for t in qkv(B=2, d_qk=8, N=6, M=5, d_v=4, dtype=dtype))
+    out, lse = spatial_attention(q, k, v, return_lse=True, backend="torch")
+    assert out.device.type == "meta" and out.shape == (2, 4, 6) and out.dtype == dtype
+    assert lse.device.type == "meta" and lse.shape == (2, 6)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert spatial_attention(q, k, v).shape == (2, 4, 6)
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'nope'"):
+        spatial_attention(q, k, v, backend="nope")
+    with pytest.raises(ValueError, match=r"v has M=7 keys/values"):  # still validated
+        spatial_attention(q, k, torch.empty(2, 4, 7, device="meta", dtype=dtype))
