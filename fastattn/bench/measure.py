@@ -29,12 +29,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..constants import TOLERANCES
+from ..constants import BENCH_MAX_TIME_FACTOR, BENCH_STABLE_SPREAD, TOLERANCES
 from ..reference import reference_attention
 from ..testing import max_abs_error
 from .presets import DTYPES, Case, Site
 
-__all__ = ["Timing", "CaseInputs", "make_inputs", "make_call", "time_call", "reference_results",
+__all__ = ["Timing", "spread", "is_unstable", "CaseInputs", "make_inputs", "make_call", "time_call", "reference_results",
            "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "cpu_noise_floor"]
 
 # Bytes of fp64 logits per query chunk of the reference (chunking keeps its memory bounded;
@@ -50,6 +50,31 @@ class Timing:
     q75_s: float
     n_repeats: int
     times_s: list[float]
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median: the noise of this measurement."""
+        return spread(self.q25_s, self.median_s, self.q75_s)
+
+    @property
+    def unstable(self) -> bool:
+        return is_unstable(self.spread)
+
+
+def spread(q25_s: float, median_s: float, q75_s: float) -> float:
+    return (q75_s - q25_s) / median_s if median_s > 0 else 0.0
+
+
+def is_unstable(value: float) -> bool:
+    """A case whose spread stayed above BENCH_STABLE_SPREAD when its repeats ran out."""
+    return value > BENCH_STABLE_SPREAD
+
+
+def _quartiles(times: list[float]) -> tuple[float, float, float]:
+    if len(times) < 2:
+        return (times[0],) * 3
+    q25, q50, q75 = statistics.quantiles(times, n=4, method="inclusive")
+    return q25, statistics.median(times), q75
 
 
 @dataclass
@@ -101,7 +126,11 @@ def _sync(device: torch.device) -> None:
 
 def time_call(setup, call, device: torch.device, min_time_s: float, min_repeats: int, max_repeats: int,
               warmup: int = 1):
-    """Timing of `call` and the result of the first warm-up call (used for the accuracy check)."""
+    """Timing of `call` and the result of the first warm-up call (used for the accuracy check).
+
+    Repeats until min_repeats and min_time_s are reached AND the spread (IQR / median) is at most
+    BENCH_STABLE_SPREAD; while it is not, keeps going up to max_repeats and
+    BENCH_MAX_TIME_FACTOR x min_time_s. What is left above the target is reported as unstable."""
     first = None
     for i in range(max(1, warmup)):
         result = call(setup())
@@ -112,7 +141,15 @@ def time_call(setup, call, device: torch.device, min_time_s: float, min_repeats:
     flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
     times: list[float] = []
     spent = 0.0
-    while len(times) < max_repeats and (len(times) < min_repeats or spent < min_time_s):
+    def more() -> bool:
+        if len(times) < min_repeats or spent < min_time_s:
+            return True
+        if spent >= BENCH_MAX_TIME_FACTOR * min_time_s:
+            return False
+        q25, median, q75 = _quartiles(times)
+        return is_unstable(spread(q25, median, q75))
+
+    while len(times) < max_repeats and more():
         arg = setup()
         if device.type == "cuda":
             flush.zero_()
@@ -129,8 +166,8 @@ def time_call(setup, call, device: torch.device, min_time_s: float, min_repeats:
         del result, arg
         times.append(elapsed)
         spent += elapsed
-    q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
-    return Timing(statistics.median(times), q25, q75, len(times), times), first
+    q25, median, q75 = _quartiles(times)
+    return Timing(median, q25, q75, len(times), times), first
 
 
 def reference_results(x: CaseInputs, scale: float, need_grads: bool):
@@ -279,5 +316,5 @@ def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: 
 
 def cpu_noise_floor(repeats: int = 5, threads: int | None = None) -> int:
     """Largest peak this method reports for a case that allocates ~1 KiB."""
-    tiny = Site("noise_floor", 1, 16, 16, 8, 8, 1)
+    tiny = Site.custom("noise_floor", 1, 16, 16, 8, 8)
     return max(peak_bytes_cpu(tiny, "float32", "fwd+bwd", "naive", 0, 1.0, threads) for _ in range(repeats))
