@@ -6,6 +6,7 @@ from .attention_map import AttentionMap, attention_rows
 from .viz import save_attention_png
 from .nn import SelfAttention2d
 from .swap import AttentionFamily, SwapHandle, register_adapter, swap_attention, unregister_adapter
+from .verification import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -15,11 +16,13 @@ __all__ = [
     "BackendUnavailableError",
     "SelfAttention2d",
     "SwapHandle",
+    "VerifyReport",
     "attention_rows",
     "register_adapter",
     "save_attention_png",
     "swap_attention",
     "unregister_adapter",
+    "verify",
     "available_backends",
     "reference_attention",
     "spatial_attention",

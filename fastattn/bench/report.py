@@ -14,7 +14,7 @@ import torch
 
 from ..constants import (BENCH_REGRESSION_RATIO, BOUND_EXP2_PER_CLOCK_PER_SM, BOUND_FLOP_PER_CLOCK_PER_SM,
                          ERROR_RATIO_GRAD)
-from ..testing import error_bound
+from ..accuracy import error_bound
 from .presets import DTYPES
 
 __all__ = ["environment", "add_derived", "markdown_table", "write_json", "load_json", "compare",
