@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..accuracy import error_bound, max_abs_error
 from ..attention_map import AttentionMap
-from ..constants import (ERROR_RATIO_GRAD, ERROR_RATIO_OUT, VERIFY_MAX_REPEATS, VERIFY_MIN_REPEATS,
+from ..constants import (ERROR_FLOOR, ERROR_RATIO_GRAD, ERROR_RATIO_OUT, VERIFY_MAX_REPEATS, VERIFY_MIN_REPEATS,
                          VERIFY_MIN_TIME_S, VERIFY_SEED)
 from ..dispatch import check_backend_name
 from ..nn import SelfAttention2d
@@ -178,8 +178,11 @@ def _run(source: nn.Module, args: tuple, dtype: torch.dtype, training: bool, lay
             x = hook_args[0] if hook_args else next(iter(hook_kwargs.values()), None)
             if isinstance(x, Tensor) and x.requires_grad:
                 call = len(outs)
-                x.register_hook(lambda g, call=call: grads.setdefault(call, g.detach().clone())
-                                if capturing[0] else None)
+
+                def keep(grad, call=call):  # returns None: the gradient flows on unchanged
+                    if capturing[0]:
+                        grads.setdefault(call, grad.detach().clone())
+                x.register_hook(keep)
 
         def hook(_module, _args, output, outs=outs):
             outs.extend(t.detach().clone() for t in _tensors(output))
@@ -268,7 +271,12 @@ def _check(quantity: str, dtype: str, mode: str, ref: _Run, original: _Run, swap
     original_error = _error(_pick(original, quantity, layer)[0], ref_values, names)[0]
     ratio = ERROR_RATIO_OUT if quantity == "output" else ERROR_RATIO_GRAD
     # an original that overflows (inf/NaN, the naive path in fp16) bounds nothing: any finite error passes
-    bound = error_bound(math.inf if math.isnan(original_error) else original_error, ratio, DTYPE_NAMES[dtype])
+    original_bounds = math.inf if math.isnan(original_error) else original_error
+    # the floor is relative to the reference's magnitude (absolute below 1): a model's outputs and
+    # gradients reach 1e3 and more, where an absolute fp64 floor of 1e-12 is below fp64's own rounding
+    magnitude = max([1.0] + [float(t.detach().abs().max()) for t in ref_values if t is not None and t.numel()])
+    floor = ERROR_FLOOR[DTYPE_NAMES[dtype]]
+    bound = error_bound(original_bounds, ratio, DTYPE_NAMES[dtype]) + floor * (magnitude - 1.0)
     ok = swapped_error <= bound
     return Check(quantity, dtype, mode, swapped_error, original_error, bound, ok, worst if not ok or worst else "")
 
