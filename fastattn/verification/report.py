@@ -104,9 +104,10 @@ class VerifyReport:
 
     @property
     def checks(self) -> list[tuple[str, Check]]:
-        """Every check with its scope ("model" or the layer's name)."""
-        rows = [("model", c) for c in self.model_checks]
-        return rows + [(layer.label, c) for layer in self.layers for c in layer.checks]
+        """Every check with its scope (the layer's name, or "model"), layers first: a failure names
+        the layer it is in before what it does to the whole model."""
+        rows = [(layer.label, c) for layer in self.layers for c in layer.checks]
+        return rows + [("model", c) for c in self.model_checks]
 
     @property
     def ok(self) -> bool:
