@@ -142,3 +142,17 @@ SWAP_PROBE_SEED = 0
 # tolerance is 10x the worst measured; fp64 keeps the 1e-9.
 GAN_PARITY_FP64_RTOL = 1e-9
 GAN_PARITY_FP32_RTOL = 1e-5
+
+# --- fastattn.verify (fastattn/verify/) -------------------------------------------------------
+# `fastattn verify` times each model (original and swapped, per dtype, fwd and fwd+bwd) as
+# `fastattn bench` does (fastattn.bench.measure.time_call): one warm-up, then repeats until
+# VERIFY_MIN_TIME_S has passed, within [VERIFY_MIN_REPEATS, VERIFY_MAX_REPEATS]. Chosen, not
+# measured: verify reports time side by side for a CI log, not a benchmark; a tenth of a second
+# per direction keeps a run of a small model within seconds. Use `fastattn bench` for figures.
+VERIFY_MIN_TIME_S = 0.1
+VERIFY_MIN_REPEATS = 3
+VERIFY_MAX_REPEATS = 100
+# The seed of every run's RNG (training-mode dropout, the gradient cotangents, inputs made by a
+# callable): every run of a check starts from it, so the original and the swapped model see the
+# same random numbers.
+VERIFY_SEED = 0

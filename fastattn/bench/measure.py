@@ -15,6 +15,10 @@ Peak memory, beyond the inputs (and, for `bwd`, beyond what the forward left sav
   /proc/self/clear_refs), read VmRSS, run the case once more and read VmHWM. Peak = VmHWM - VmRSS.
   The noise floor of this method (a 16x16 case, which allocates ~1 KiB) is measured per run and
   stored in the JSON environment block.
+  CPU, in process (`peak_bytes_cpu_in_process`, for `fastattn verify`, whose user models cannot be
+  sent to a fresh process): the same release / reset / VmRSS / VmHWM steps in the calling process,
+  without changing its malloc settings, so freed blocks that glibc keeps can be reused unseen
+  and the figure can read low; it is comparable between the two models measured side by side.
 """
 from __future__ import annotations
 
@@ -31,11 +35,11 @@ from torch import Tensor
 
 from ..constants import BENCH_MAX_TIME_FACTOR, BENCH_STABLE_SPREAD, TOLERANCES
 from ..reference import reference_attention
-from ..testing import max_abs_error
+from ..accuracy import max_abs_error
 from .presets import DTYPES, Case, Site
 
 __all__ = ["Timing", "spread", "is_unstable", "CaseInputs", "make_inputs", "make_call", "time_call", "reference_results",
-           "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "cpu_noise_floor"]
+           "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "peak_bytes_cpu_in_process", "cpu_noise_floor"]
 
 # Bytes of fp64 logits per query chunk of the reference (chunking keeps its memory bounded;
 # rows are independent, so chunking over queries changes no result).
@@ -275,6 +279,20 @@ def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed
         conn.send(("error", f"{type(error).__name__}: {error}"))
     finally:
         conn.close()
+
+
+def peak_bytes_cpu_in_process(setup, call) -> int:
+    """Peak resident memory growth of `call(setup())` in this process (Linux /proc only; raises
+    OSError elsewhere). See the module docstring for how it differs from peak_bytes_cpu."""
+    arg = setup()
+    _release_heap()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS
+    base = _status_bytes("VmRSS")
+    result = call(arg)
+    peak = _status_bytes("VmHWM") - base
+    del result, arg
+    return max(0, int(peak))
 
 
 _CONTEXT = None

@@ -14,7 +14,7 @@ import torch
 
 from ..constants import (BENCH_REGRESSION_RATIO, BOUND_EXP2_PER_CLOCK_PER_SM, BOUND_FLOP_PER_CLOCK_PER_SM,
                          ERROR_RATIO_GRAD)
-from ..testing import error_bound
+from ..accuracy import error_bound
 from .measure import is_unstable, spread
 from .presets import DTYPES
 
@@ -94,7 +94,7 @@ def _gpu_clock_and_sms(device: torch.device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    from .. import __version__
+    from ..version import __version__
 
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
