@@ -292,7 +292,7 @@ def cmd_profile(args):
             print(f"autotuned {site} B={batch} {dt}: {time.perf_counter() - start:.2f} s (first call)", flush=True)
     print("\ntuned winners (key: kind, N, M, d_qk, d_v, dtype, precision, device):")
     for key, config in tuned_configs().items():
-        print(f"  {key[:6]}: {config}")
+        print(f"  {key}: {config}")
     from torch.profiler import ProfilerActivity, profile
 
     dtype = _dtype(args.dtype)
