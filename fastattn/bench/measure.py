@@ -268,13 +268,7 @@ def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed
         result = call(setup())  # warm-up (lazy initialisation, compilation)
         del result
         _release_heap()
-        arg = setup()
-        _release_heap()
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset VmHWM to the current RSS
-        base = _status_bytes("VmRSS")
-        result = call(arg)
-        conn.send(("ok", _status_bytes("VmHWM") - base))
+        conn.send(("ok", peak_bytes_cpu_in_process(setup, call)))
     except BaseException as error:  # reported to the parent, which records it
         conn.send(("error", f"{type(error).__name__}: {error}"))
     finally:
