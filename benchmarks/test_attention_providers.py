@@ -7,7 +7,6 @@ import torch
 from fastattn.bench import measure
 from fastattn.bench.providers import NotSupported, make_provider, skip_reason
 
-SCALE = 1.0
 
 
 def test_attention(benchmark, bench_case, provider, request):
@@ -19,7 +18,7 @@ def test_attention(benchmark, bench_case, provider, request):
     try:
         fn = make_provider(provider)
         inputs = measure.make_inputs(bench_case.site, bench_case.dtype, device, seed=0)
-        setup, call = measure.make_call(fn, bench_case.direction, inputs, SCALE)
+        setup, call = measure.make_call(fn, bench_case.direction, inputs, bench_case.site.scale)
         call(setup())  # warm-up; also where an unsupported provider says so
     except NotSupported as error:
         pytest.skip(f"not supported: {error}")
@@ -41,5 +40,5 @@ def test_attention(benchmark, bench_case, provider, request):
         if device.type == "cuda":
             peak = measure.peak_bytes_cuda(setup, call, device)
         else:
-            peak = measure.peak_bytes_cpu(site, bench_case.dtype, bench_case.direction, provider, 0, SCALE)
+            peak = measure.peak_bytes_cpu(site, bench_case.dtype, bench_case.direction, provider, 0, site.scale)
         benchmark.extra_info["peak_bytes"] = peak

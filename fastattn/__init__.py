@@ -5,9 +5,10 @@ from .reference import reference_attention
 from .attention_map import AttentionMap, attention_rows
 from .viz import save_attention_png
 from .nn import SelfAttention2d
-from .swap import AttentionFamily, SwapHandle, register_adapter, swap_attention, unregister_adapter
+from .swap import AttentionFamily, SwapHandle, register_adapter, swap_attention, unregister_adapter, unswap
+from .verification import VerifyReport, verify
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AttentionFamily",
@@ -15,11 +16,14 @@ __all__ = [
     "BackendUnavailableError",
     "SelfAttention2d",
     "SwapHandle",
+    "VerifyReport",
     "attention_rows",
     "register_adapter",
     "save_attention_png",
     "swap_attention",
     "unregister_adapter",
+    "unswap",
+    "verify",
     "available_backends",
     "reference_attention",
     "spatial_attention",

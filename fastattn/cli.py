@@ -1,4 +1,4 @@
-"""`fastattn` command line: `info`, `bench`, `train`. Subcommands import their code lazily."""
+"""`fastattn` command line: `info`, `bench`, `train`, `verify`. Subcommands import their code lazily."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +10,14 @@ SUBCOMMANDS = {
     "info": ("fastattn.cli", "list the backends, whether each can run here, and why not"),
     "bench": ("fastattn.bench", "benchmark fastattn against the naive path and SDPA on GAN shapes"),
     "train": ("fastattn.models.train", "train the reference attention GAN"),
+    "verify": ("fastattn.verification.cli", "check that a model with fastattn swapped in still computes what it did"),
 }
 
 
 def info_main(argv: list[str]) -> int:
     import torch
 
-    from . import __version__
+    from .version import __version__
     from .dispatch import ENV_VAR, backend_report
 
     argparse.ArgumentParser(prog="fastattn info", description=SUBCOMMANDS["info"][1]).parse_args(argv)

@@ -19,6 +19,38 @@ TORCH_CHUNK_BYTES = 8 * 2**20
 # 4 MiB 2.1/1.6 s, 8 MiB 2.2/1.8 s, naive 3.2/3.7 s; no budget is clearly faster at this noise.
 DOUBLE_BACKWARD_CHUNK_BYTES = 8 * 2**20
 
+# Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
+# keeps for the backward instead of recomputing it chunk by chunk (fastattn/backends/torch_small.py).
+# Below it the naive layer's arithmetic as one node (fused softmax, fused softmax backward, no
+# recomputation, no lse pass unless return_lse) beats the chunked path, whose recomputation and
+# per-chunk work dominate at small sizes. A fixed budget: memory stays bounded, never ~N x M.
+# Measured with benchmarks/tune_strategy.py (1 thread, shared 2-core AMD EPYC VM, load average 6-9,
+# torch 2.13.0+cpu, 2026-11-22), kept / chunked time, fwd and fwd+bwd:
+#   CIFAR G (256x64, d 48/192) B=1 0.1 MiB: 0.48, 0.65   B=16 1 MiB: 0.90, 0.75   B=64 4 MiB: 0.75, -
+#   CIFAR D (256x64, d 16/64) B=64 4 MiB: 0.90, 0.77
+#   SAGAN64 (1024x1024, d 8/64) B=1 4 MiB: 0.69, 0.77   B=2 8 MiB: 0.85, 0.75   B=4 16 MiB: 1.16, 1.43
+#                                B=8 32 MiB: 2.03, 1.62
+#   BigGAN-128 G (4096x1024) B=1 16 MiB: 2.23, 1.06
+#   CIFAR G B=256 16 MiB: 0.44, 0.56
+# Keeping wins up to 8 MiB everywhere and loses from 16 MiB, except where each sample's matrix is
+# tiny (CIFAR's 256 x 64 = 64 KiB: the chunked path then splits many tiny matmuls): there it wins
+# up to 16 MiB (B = 256), hence the second, per-sample rule.
+TORCH_KEEP_PROBS_BYTES = 8 * 2**20
+TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES = 64 * 2**10
+TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20
+
+# --- sdpa backend (PyTorch's fused CPU flash kernel, fastattn/backends/sdpa.py) -----------------
+# Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width up.
+# Measured (1 thread, shared 2-core AMD EPYC VM, load average 7-9, torch 2.13.0+cpu, 2026-11-22),
+# B=1, scale d**-0.5, forward, median of 3, on token-major contiguous copies (on the channel-major
+# views the kernel is 6-11x slower than the torch backend at every d from 32 to 512):
+#   d=64 N=M=1024: sdpa 26 ms, torch chunked 45 ms;  d=512 N=M=1024: 239 vs 213 ms;
+#   d=512 N=M=4096: 1.91 vs 2.13 s.  fwd+bwd d=512 N=M=1024: 718 vs 657 ms (naive 620).
+# i.e. no clear win at any width on this machine under load: automatic choice never takes it
+# below 512 and the number is to be re-measured on a quiet machine (the GAN sites, d_qk = C/8 !=
+# d_v, never qualify; at d=64 the torch backend keeps the probabilities anyway).
+SDPA_AUTO_MIN_HEAD_DIM = 512
+
 # --- accuracy ------------------------------------------------------------------------------
 # Tolerances for comparing a result in `dtype` against an fp64 reference of the same inputs:
 # |got - ref| <= atol + rtol * |ref|. Chosen from the error plain PyTorch itself makes in that
@@ -74,6 +106,18 @@ BOUND_EXP2_PER_CLOCK_PER_SM = 16
 # this CPU the gate catches only large regressions; (under load average 6-9 the max was 4.9.)
 # Re-measure on a GPU, where timings are far steadier, and pass --regression-ratio there.
 BENCH_REGRESSION_RATIO = 2.4
+# A case is timed until its spread, (q75 - q25) / median, is at most BENCH_STABLE_SPREAD (after the
+# minimum repeats and time), or until BENCH_MAX_TIME_FACTOR x --min-time has passed; a case still
+# above it is flagged `unstable` in the table and JSON. 0.10: the quiet-machine within-run
+# q75/q25 p90 above is 1.20 (spread ~0.2) at 2 threads, ~0.1 at 1 thread; flag what is worse.
+BENCH_STABLE_SPREAD = 0.10
+BENCH_MAX_TIME_FACTOR = 4
+# Torch threads `fastattn bench` uses on a CPU unless --threads says otherwise. On the shared 2-core
+# dev VM (load average 5-9 from other jobs, 2026-11-22), with 2 threads OpenMP's threads wait for
+# each other at every op and millisecond cases became bimodal: CIFAR G (B=1) naive forward 3.6 ms at
+# 2 threads vs 0.32 ms at 1 (0.085 ms on the quiet machine), sagan64 B=1 naive fwd 112 ms vs 8 ms.
+# One thread gives stable, if slower, numbers on a machine shared with other work.
+BENCH_CPU_THREADS = 1
 
 # --- swap_attention probe (fastattn/swap/probe.py) ---------------------------------------------
 # Before swapping a layer, its original forward and fastattn's run on random inputs of these
@@ -104,3 +148,17 @@ SWAP_PROBE_SEED = 0
 # tolerance is 10x the worst measured; fp64 keeps the 1e-9.
 GAN_PARITY_FP64_RTOL = 1e-9
 GAN_PARITY_FP32_RTOL = 1e-5
+
+# --- fastattn.verify (fastattn/verify/) -------------------------------------------------------
+# `fastattn verify` times each model (original and swapped, per dtype, fwd and fwd+bwd) as
+# `fastattn bench` does (fastattn.bench.measure.time_call): one warm-up, then repeats until
+# VERIFY_MIN_TIME_S has passed, within [VERIFY_MIN_REPEATS, VERIFY_MAX_REPEATS]. Chosen, not
+# measured: verify reports time side by side for a CI log, not a benchmark; a tenth of a second
+# per direction keeps a run of a small model within seconds. Use `fastattn bench` for figures.
+VERIFY_MIN_TIME_S = 0.1
+VERIFY_MIN_REPEATS = 3
+VERIFY_MAX_REPEATS = 100
+# The seed of every run's RNG (training-mode dropout, the gradient cotangents, inputs made by a
+# callable): every run of a check starts from it, so the original and the swapped model see the
+# same random numbers.
+VERIFY_SEED = 0

@@ -114,10 +114,10 @@ def spatial_attention(
     if q.device.type == "meta":
         return _meta_attention(q, v, backend, return_lse)
     chosen = select_backend(q, k, v, backend)
+    if not return_lse:
+        return chosen.attention_out(q, k, v, scale)
     out, lse = chosen.attention(q, k, v, scale)
-    if return_lse:
-        return out, lse.to(accumulation_dtype(q.dtype))
-    return out
+    return out, lse.to(accumulation_dtype(q.dtype))
 
 
 def _meta_attention(q: Tensor, v: Tensor, backend, return_lse: bool):

@@ -19,7 +19,8 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from .configs import INTERPRETER_BACKWARD, INTERPRETER_FORWARD, backward_candidates, forward_candidates, tables
+from .configs import (INTERPRETER_BACKWARD, INTERPRETER_FORWARD, backward_candidates, forward_candidates,
+                      launch_aligned, tables)
 from .forward import attention_forward_kernel
 
 __all__ = ["CONFIG_ENV_VAR", "interpreting", "forward_config", "backward_config", "tuned_configs"]
@@ -41,7 +42,8 @@ def interpreting() -> bool:
 
 
 def tuned_configs() -> dict[tuple, object]:
-    """The autotuner's choices so far, by key (kind, N, M, d_qk, d_v, dtype, precision, device)."""
+    """The autotuner's choices so far, by key (kind, N, M, d_qk, d_v, dtype, precision, device,
+    aligned)."""
     return dict(_TUNED)
 
 
@@ -98,11 +100,17 @@ def _sizes(q, v):
     return int(q.shape[2]), int(v.shape[2]), int(q.shape[1]), int(v.shape[1])
 
 
-def _key(kind, q, v, precision):
-    return (kind, *_sizes(q, v), q.dtype, precision, str(q.device))
+def _aligned(q, k, v) -> bool:
+    """Whether the launch is specialised as aligned (configs.launch_aligned): its register and
+    shared-memory budgets, hence its candidates, differ from a ragged launch's."""
+    return launch_aligned(*(x for t in (q, k, v) for x in (*t.stride(), t.storage_offset())))
 
 
-def _config(kind, q, v, precision, run, candidates_fn, interpreter_config, **fixed_kwargs):
+def _key(kind, q, v, precision, aligned):
+    return (kind, *_sizes(q, v), q.dtype, precision, str(q.device), aligned)
+
+
+def _config(kind, q, k, v, precision, run, candidates_fn, interpreter_config, **fixed_kwargs):
     """The configuration of one pass: interpreted, fixed, or autotuned per shape. An autotuned
     shape seen before costs one dict lookup: the cache is read before the device properties
     and the candidate list (every call of the op passes here)."""
@@ -110,24 +118,25 @@ def _config(kind, q, v, precision, run, candidates_fn, interpreter_config, **fix
     fixed = _fixed()  # validates FASTATTN_TRITON_CONFIG everywhere, interpreter included
     if interpreting():
         return candidates_fn([interpreter_config], *args, prune=False)[0]
-    key = None if fixed else _key(kind, q, v, precision)
+    aligned = _aligned(q, k, v)
+    key = None if fixed else _key(kind, q, v, precision, aligned)
     if key in _TUNED:
         return _TUNED[key]
     shared = _shared_bytes(q.device)
     forward_table, backward_table, fixed_forward, fixed_backward = tables(q.element_size())
     table, fixed_config = (forward_table, fixed_forward) if kind == "forward" else (backward_table, fixed_backward)
     if fixed:
-        return candidates_fn([fixed_config], *args, shared_bytes=shared, **fixed_kwargs)[0]
-    return _pick(key, candidates_fn(table, *args, shared_bytes=shared), run, q)
+        return candidates_fn([fixed_config], *args, shared_bytes=shared, aligned=aligned, **fixed_kwargs)[0]
+    return _pick(key, candidates_fn(table, *args, shared_bytes=shared, aligned=aligned), run, q)
 
 
 def forward_config(q, k, v, precision, run):
     """The ForwardConfig for these inputs; `run(config)` launches the forward once (for timing)."""
-    return _config("forward", q, v, precision, run, forward_candidates, INTERPRETER_FORWARD)
+    return _config("forward", q, k, v, precision, run, forward_candidates, INTERPRETER_FORWARD)
 
 
 def backward_config(q, k, v, precision, run):
     """The BackwardConfig for these inputs; `run(config)` launches the whole backward once.
     The fixed configuration is a two-pass (deterministic) one."""
-    return _config("backward", q, v, precision, run, backward_candidates, INTERPRETER_BACKWARD,
+    return _config("backward", q, k, v, precision, run, backward_candidates, INTERPRETER_BACKWARD,
                    deterministic=True)

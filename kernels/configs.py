@@ -7,18 +7,25 @@ two-pass dQ program owns `block_n_dq` queries and walks over the keys `block_m_d
 
 Provenance. Timing: none of these entries has been timed on a GPU; on CUDA the autotuner times
 the candidates per shape class at run time and keeps the fastest (`tuned_configs()` lists them).
-Register fit: measured by compiling every kernel variant for sm_90 with Triton 3.9 without a GPU
-and reading the cubin's resource usage (cuobjdump -res-usage; tests/backends/triton/
-test_triton_compile.py repeats it). That compile treats every int as a plain i32 and every pointer
-as unaligned, unlike a real launch (which specialises divisibility by 16), so these figures are
-upper bounds for aligned GAN shapes. At the BigGAN-128 site (d_qk 24, d_v 96) in bf16:
-  forward  128x64/8 warps 228 regs, 128x32/8w 175, 64x64/4w 226, 64x32/4w 186: no spills;
-           128x128/8w and 64x128/4w spill; in fp32 (FMA dots) only block_m <= 32 fits.
-  dK/dV    keys x query-step: 128x32/8w 220-246 regs and 64x32/4w 254 and 64x16/4w 232: no
-           spills; 64x64/4w (720 B), 32x*/4w (600-7800 B), 128x16/4w (176 B) spill, and a
-           tile with fewer than 16 rows per warp always spills.
-  dQ       128x32/4w 255 regs and 128x64/8w 222: no spills; 64x64/4w spills 144 B.
-The pruning rules below are calibrated on those numbers.
+Register fit: measured by compiling every kernel variant for sm_90 with Triton 3.9 without a GPU,
+specialised as a real launch is (kernels/offline_compile.py: ints divisible by 16 and pointers
+16-byte aligned get `tt.divisibility`, unit strides become constants), and reading the cubin's
+resource usage (tests/backends/triton/test_triton_compile.py repeats it). The specialisation
+splits every shape in two:
+  aligned (every stride 1 or a multiple of 16: contiguous inputs with N and M multiples of 16,
+  every GAN site): vectorised loads pipelined with cp.async, fewer registers, more shared memory.
+  BigGAN-128 site (d_qk 24, d_v 96), bf16, regs/spill bytes/shared KB:
+    forward 128x64/8w 164/0/68, 128x128/8w 220/0/128 (2 stages: 230/0/88), 64x64/4w 168/0/64;
+    dK/dV 128x64/8w 225/0/81 (atomic dQ 238/0/105), 128x32/8w 180-218/0, 64x64/4w 233/0;
+    dQ 128x128/8w 202/0/120, 128x64/8w 120/0/80. Nothing in the tables spills.
+  ragged (N = 4093, M = 1021): scalar loads, masks on every access, 222-255 registers:
+    forward 128x32/8w 222/0 and 64x32/4w 255/0 fit; every block_m = 64 tile spills
+    (128x64/8w 8 B, 64x64/4w 632 B, 64x64 with block_dv 64 32 B, 128x128/8w 832 B).
+    dK/dV only 64x16/4w two-pass fits (255/0); 128x32/8w two-pass 32 B, atomic 136 B,
+    64x16/4w atomic 64 B, 64x32/4w 296 B, 128x64/8w 328-448 B. dQ 128x64/8w 225/0 fits,
+    128x32/4w spills 96 B.
+The pruning rules below are calibrated on those numbers: one budget for aligned launches, a
+tighter one (and block_m <= 32 in the forward) for ragged ones.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ __all__ = [
     "INTERPRETER_BACKWARD",
     "DP_CHUNK",
     "pad_width",
+    "launch_aligned",
     "forward_candidates",
     "backward_candidates",
 ]
@@ -67,6 +75,7 @@ class BackwardConfig:
 
 
 FORWARD_CONFIGS: tuple[ForwardConfig, ...] = (
+    ForwardConfig(128, 128, 128, num_warps=8, num_stages=3),  # aligned shapes only (see pruning)
     ForwardConfig(128, 64, 128, num_warps=8, num_stages=3),
     ForwardConfig(128, 32, 128, num_warps=8, num_stages=3),
     ForwardConfig(64, 64, 128, num_warps=4, num_stages=3),
@@ -75,6 +84,8 @@ FORWARD_CONFIGS: tuple[ForwardConfig, ...] = (
 )
 
 BACKWARD_CONFIGS: tuple[BackwardConfig, ...] = (
+    BackwardConfig(128, 64, 128, 64, 128, atomic_dq=True, num_warps=8, num_stages=2),  # aligned only
+    BackwardConfig(128, 64, 128, 64, 128, atomic_dq=False, num_warps=8, num_stages=2),  # aligned only
     BackwardConfig(128, 32, 128, 64, 128, atomic_dq=True, num_warps=8, num_stages=2),
     BackwardConfig(64, 16, 128, 32, 128, atomic_dq=True, num_warps=4, num_stages=3),
     BackwardConfig(128, 32, 128, 64, 128, atomic_dq=False, num_warps=8, num_stages=2),
@@ -115,12 +126,19 @@ INTERPRETER_BACKWARD = BackwardConfig(16, 16, 16, 16, 64, atomic_dq=False, num_w
 FALLBACK_FORWARD = ForwardConfig(64, 16, 64, num_warps=4, num_stages=1)
 FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warps=4, num_stages=1)
 
-# Budgets of the pruning rules (see _forward_cost / _backward_cost for what they count):
-# calibrated on the offline compile above, where configs up to these sizes fit 255 registers
-# without spilling and the next larger ones spill. Shared memory when the device does not
-# report its own limit: 99 KiB (Ampere consumer parts).
-_FORWARD_BUDGET = 96
-_BACKWARD_BUDGET = 240  # fp16/bf16; fp32 backward tiles all spill a little, its table is vetted by hand
+# Budgets of the pruning rules (see _forward_cost / _backward_cost for what they count), for
+# (aligned, ragged) launches: calibrated on the specialised offline compile above, where the
+# configs up to these costs fit 255 registers without spilling and the next larger ones spill.
+# Aligned: forward 128x128/8w costs 136 at d_qk 24 and 144 at d_qk 64 (fit, 220-242 regs); dK/dV 128x64/8w atomic costs 332
+# (fits, 238 regs; 352 at d_qk 64, 210 regs). Ragged: forward 128x32/8w and 64x32/4w cost 88 at d_qk 24 (fit) and 96 at
+# d_qk 64 (64x32/4w spills 64 B), 64x64 with block_dv 64 costs 72 but spills, hence also
+# _RAGGED_MAX_BLOCK_M; dK/dV 64x16/4w two-pass costs 162 (fits),
+# 128x32/8w two-pass 194 (spills 32 B). Shared memory when the device does not report its own
+# limit: 99 KiB (Ampere consumer parts).
+_FORWARD_BUDGET = {True: 144, False: 88}
+_FORWARD_BUDGET_FP32 = 112  # the fp32 table, vetted on the unspecialised compile (closest to ragged)
+_BACKWARD_BUDGET = {True: 360, False: 180}  # fp16/bf16; fp32 backward tiles all spill a little, vetted by hand
+_RAGGED_MAX_BLOCK_M = 32
 _DEFAULT_SHARED_BYTES = 99 * 1024
 # tl.dot on NVIDIA gives each warp 16-row slices: a tile with fewer rows per warp replicates
 # work and, in the offline compile, always spilled.
@@ -155,13 +173,13 @@ def _warps(num_warps, *row_blocks):
     return max(1, min(num_warps, *(rows // _ROWS_PER_WARP for rows in row_blocks)))
 
 
-def _clamp_forward(c, n, m, d_v):
+def _clamp_forward(c, n, m, d_v, aligned=True):
     block_n = _clamp(c.block_n, n)
     return replace(c, block_n=block_n, block_m=_clamp(c.block_m, m),
                    block_dv=min(pad_width(c.block_dv), pad_width(d_v)), num_warps=_warps(c.num_warps, block_n))
 
 
-def _clamp_backward(c, n, m, d_v):
+def _clamp_backward(c, n, m, d_v, aligned=True):
     block_m, block_n_dq, block_m_dq = _clamp(c.block_m, m), _clamp(c.block_n_dq, n), _clamp(c.block_m_dq, m)
     num_warps = _warps(c.num_warps, block_m, block_n_dq)
     if pad_width(d_v) > c.block_dv:
@@ -171,6 +189,8 @@ def _clamp_backward(c, n, m, d_v):
             block_n_dq, block_m_dq = min(block_n_dq, 64), min(block_m_dq, 16)
         else:
             block_m_dq = min(block_m_dq, 32)
+    if not aligned and num_warps < 8:  # ragged: the 4-warp 128x32 dQ tile spilled 96 B
+        block_n_dq = min(block_n_dq, 64)
     return replace(c, block_m=block_m, block_n=_clamp(c.block_n, n), block_n_dq=block_n_dq,
                    block_m_dq=block_m_dq, block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
                    num_warps=_warps(num_warps, block_n_dq))
@@ -178,8 +198,10 @@ def _clamp_backward(c, n, m, d_v):
 
 def _forward_cost(c, d_pad, dv_pad, elem_bytes):
     """(register cost per thread, shared-memory bytes) of a forward program: the fp32
-    accumulator plus the logits tile, which costs twice as much for fp32 inputs (FMA dots)."""
-    cost = c.block_n * (c.block_dv + c.block_m * elem_bytes // 2) / (32 * c.num_warps)
+    accumulator plus the logits tile, which costs twice as much for fp32 inputs (FMA dots), plus
+    the q tile (input dtype) held for the whole key loop."""
+    cost = (c.block_n * (c.block_dv + c.block_m * elem_bytes // 2) + c.block_n * d_pad * elem_bytes // 4) / (
+        32 * c.num_warps)
     smem = c.num_stages * c.block_m * (d_pad + c.block_dv) * elem_bytes + c.block_n * d_pad * elem_bytes
     return cost, smem
 
@@ -201,7 +223,8 @@ def _backward_cost(c, d_pad, dv_pad, elem_bytes):
     return elements / (32 * c.num_warps), smem
 
 
-def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, shared_bytes, prune):
+def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, shared_bytes, prune, aligned,
+         max_block_m=None):
     """Clamp each config to the shape, lower its pipeline depth until its tiles fit shared
     memory, drop it if it would still spill registers or overflow, and deduplicate."""
     shared_bytes = shared_bytes or _DEFAULT_SHARED_BYTES
@@ -209,8 +232,10 @@ def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, sh
     d_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
     kept = []
     for c in configs:
-        c = clamp(c, n, m, d_v)
+        c = clamp(c, n, m, d_v, aligned)
         if prune:
+            if max_block_m is not None and c.block_m > max_block_m:
+                continue
             while c.num_stages > 1 and cost(c, d_pad, dv_pad, elem_bytes)[1] > shared_bytes:
                 c = replace(c, num_stages=c.num_stages - 1)
             per_thread, smem = cost(c, d_pad, dv_pad, elem_bytes)
@@ -218,21 +243,38 @@ def _fit(configs, clamp, cost, budget, fallback, n, m, d_qk, d_v, elem_bytes, sh
                 continue
         if c not in kept:
             kept.append(c)
-    return kept or [clamp(fallback, n, m, d_v)]
+    return kept or [clamp(fallback, n, m, d_v, aligned)]
 
 
-def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, prune=True):
+def forward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, prune=True, aligned=None):
     """The configurations worth timing for this shape: clamped to it, deduplicated, and pruned
     of those that would spill registers or overflow shared memory (`prune=False`: clamp only,
-    for the interpreter, which has neither). Never empty: FALLBACK_FORWARD when all are pruned."""
-    return _fit(configs, _clamp_forward, _forward_cost, _FORWARD_BUDGET, FALLBACK_FORWARD,
-                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)
+    for the interpreter, which has neither). `aligned`: whether the launch's strides are all 1
+    or multiples of 16 (launch_aligned); None assumes contiguous inputs, aligned when N and M
+    are multiples of 16. Never empty: FALLBACK_FORWARD when all are pruned."""
+    aligned = _aligned(n, m) if aligned is None else bool(aligned)
+    budget = _FORWARD_BUDGET_FP32 if elem_bytes == 4 else _FORWARD_BUDGET[aligned]
+    return _fit(configs, _clamp_forward, _forward_cost, budget, FALLBACK_FORWARD,
+                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune, aligned,
+                None if aligned else _RAGGED_MAX_BLOCK_M)
 
 
 def backward_candidates(configs, n, m, d_qk, d_v, elem_bytes, shared_bytes=None, deterministic=False,
-                        prune=True):
+                        prune=True, aligned=None):
     """As forward_candidates, for the backward; `deterministic` keeps the two-pass ones only."""
+    aligned = _aligned(n, m) if aligned is None else bool(aligned)
     configs = [c for c in configs if not (deterministic and c.atomic_dq)]
-    budget = None if elem_bytes == 4 else _BACKWARD_BUDGET
+    budget = None if elem_bytes == 4 else _BACKWARD_BUDGET[aligned]
     return _fit(configs, _clamp_backward, _backward_cost, budget, FALLBACK_BACKWARD,
-                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune)
+                n, m, d_qk, d_v, elem_bytes, shared_bytes, prune, aligned)
+
+
+def _aligned(n, m) -> bool:
+    return int(n) % 16 == 0 and int(m) % 16 == 0
+
+
+def launch_aligned(*strides_and_offsets) -> bool:
+    """Whether a launch is specialised as aligned: every stride and storage offset (in elements)
+    of q, k and v is 1 or a multiple of 16, as Triton's JIT checks ints (divisibility by 16) and
+    pointers (16-byte alignment; a torch allocation is always aligned)."""
+    return all(int(x) == 1 or int(x) % 16 == 0 for x in strides_and_offsets)

@@ -28,7 +28,10 @@ def _imports(name: str, path: Path, is_package: bool, modules) -> set[str]:
         return target or None
 
     tree = ast.parse(path.read_text())
-    uses_importlib = "importlib" in path.read_text()
+    # a module that hands a computed name to importlib.import_module / __import__ may import any
+    # module named by a string in it (a table of "pkg.module" strings, say)
+    uses_importlib = any(isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+                         in ("import_module", "__import__") for node in ast.walk(tree))
     targets = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

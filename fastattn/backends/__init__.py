@@ -4,10 +4,13 @@ Neither imports triton or CUDA here: the Triton backend loads its kernels on fir
 failure to load them becomes a reason it is unavailable (see `fastattn info`).
 """
 from ..dispatch import register_backend
+from .sdpa import SdpaBackend
 from .torch_chunked import TorchChunkedBackend
+from .torch_small import TorchBackend
 from .triton import TritonBackend
 
-__all__ = ["TorchChunkedBackend", "TritonBackend"]
+__all__ = ["SdpaBackend", "TorchBackend", "TorchChunkedBackend", "TritonBackend"]
 
-register_backend(TorchChunkedBackend())
+register_backend(TorchBackend())  # `torch`: kept probabilities when small, chunked otherwise
+register_backend(SdpaBackend())
 register_backend(TritonBackend())

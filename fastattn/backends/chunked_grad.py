@@ -7,7 +7,7 @@ query chunk and forms the second-order terms in the same chunks. A chunk holds w
 it computes their softmax from scratch (row max, exp, row sum): it needs none of the forward's
 saved statistics, and the largest probability of a row is exactly exp(0) as in the naive
 softmax (no lse rounding, which hurts with unscaled GAN logits of 1e4).
-It saves q, k, v, O, dO and dlse only: O(B (N + M) d), never an N x M tensor, and four
+It saves q, k, v, O (when the backend has it), dO and dlse only: O(B (N + M) d), never an N x M tensor, and four
 (B, chunk, M) buffers live at a time (constants.DOUBLE_BACKWARD_CHUNK_BYTES each).
 
 Math, per batch, with channel-major q (d_qk, N), k (d_qk, M), v (d_v, M), dO (d_v, N) and
@@ -22,7 +22,8 @@ Given the upstream gradients gq, gk, gv of (dq, dk, dv):
   grad dO   = v G^T + gv P^T                 (query side)
   grad dlse = c                              (query side)
 (H drops a per-row constant, -delta_i c_i, which softmax's backward removes anyway.)
-delta is rowsum(dO * O) - dlse, from the saved output, as in the first-order backward.
+delta is rowsum(dO * O) - dlse, from the saved output, as in the first-order backward (or, for
+a backend without a saved output, rowsum(P * dP) - dlse in the chunk).
 Accumulation is in fp32 (fp64 for fp64).
 """
 from __future__ import annotations
@@ -64,10 +65,13 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv
     dev = q.device
     k_acc, v_acc = k.to(acc), v.to(acc)
     k_scaled = k_acc * scale
-    # delta_i = sum_c dO[c, i] O[c, i] - dlse_i, as the first-order backward computes it
-    neg_delta = -(grad_out.to(acc) * out.to(acc)).sum(dim=1)
-    if grad_lse is not None:
-        neg_delta += grad_lse.to(acc)
+    # delta_i = sum_c dO[c, i] O[c, i] - dlse_i, as the first-order backward computes it; without
+    # a saved output, sum_j P_ij dP_ij - dlse_i per chunk (the same value: O = V P^T)
+    neg_delta = None
+    if out is not None:
+        neg_delta = -(grad_out.to(acc) * out.to(acc)).sum(dim=1)
+        if grad_lse is not None:
+            neg_delta += grad_lse.to(acc)
     g_dk = g_dk.to(acc) if g_dk is not None else None
     g_dv = g_dv.to(acc) if g_dv is not None else None
     has_c = g_dq is not None or g_dk is not None  # C = 0 without gradients on dq and dk
@@ -101,7 +105,14 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv
         torch.baddbmm(p, _t(q_c), k_acc, beta=0.0, alpha=scale, out=p)
         p.sub_(p.amax(dim=-1, keepdim=True)).exp_()
         p.div_(p.sum(dim=-1, keepdim=True))
-        torch.baddbmm(neg_delta[:, start:stop, None], _t(do_c), v_acc, out=dpm)  # dP - delta
+        if neg_delta is not None:
+            torch.baddbmm(neg_delta[:, start:stop, None], _t(do_c), v_acc, out=dpm)  # dP - delta
+        else:
+            torch.bmm(_t(do_c), v_acc, out=dpm)
+            delta = torch.linalg.vecdot(p, dpm)
+            if grad_lse is not None:
+                delta -= grad_lse[:, start:stop].to(acc)
+            dpm.sub_(delta[..., None])  # dP - delta
         if has_c:
             c_queries = [gq_c] if gq_c is not None else []
             if g_dk is not None:
@@ -174,11 +185,13 @@ class FirstOrderGrads(torch.autograd.Function):
         return None, grad_q, grad_k, grad_v, None, grad_do, grad_dlse, None, None
 
 
-def first_order_grads(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+def first_order_grads(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor],
                       grad_out: Tensor, grad_lse: Optional[Tensor], scale: float, needs) -> tuple:
     """(dq, dk, dv) with a graph whose backward never holds more than a chunk of probabilities:
     for create_graph=True (double backward). `first_order(grad_out, grad_lse)` computes the
     values with the backend's own backward (from whatever statistics its forward saved); `out` is
-    the forward's output (no gradient flows to it; delta = rowsum(grad_out * out) - grad_lse)."""
+    the forward's output (no gradient flows to it; delta = rowsum(grad_out * out) - grad_lse), or
+    None for a backend that does not save it (delta is then recomputed from the probabilities)."""
     needs = tuple(bool(n) for n in needs)
-    return FirstOrderGrads.apply(first_order, q, k, v, out.detach(), grad_out, grad_lse, float(scale), needs)
+    out = out.detach() if out is not None else None
+    return FirstOrderGrads.apply(first_order, q, k, v, out, grad_out, grad_lse, float(scale), needs)

@@ -11,8 +11,6 @@ from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PENALTY_DIRECTION, PRESE
 
 __all__ = ["main", "parse_args", "run"]
 
-SCALE = 1.0  # GAN attention layers do not scale their logits
-
 
 def _split(values: list[str] | None) -> list[str] | None:
     if not values:
@@ -30,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastattn bench",
         description="Benchmark naive attention, SDPA and fastattn on the attention sites of GAN configs "
-                    "(time, peak memory, speedup, accuracy against an fp64 reference).")
+                    "(time, peak memory, time / naive time, accuracy against an fp64 reference). Without --json "
+                    "and --markdown, writes both to a results file named on the last line.")
     p.add_argument("--preset", default="default", choices=PRESETS,
                    help="default: `gan` on CUDA, `quick` on CPU. quick: three small sites, B=1 (CI-sized). "
                         "gan: every site, batch scaled to the device. stress: the high-resolution sites, B=1.")
@@ -54,14 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=SECONDS, default=None,
                    help="keep repeating until this many seconds are spent (default 0.5 CPU, 0.2 CUDA)")
     p.add_argument("--threads", type=POSITIVE_INT,
-                   help="torch CPU threads (default: torch's default). On a CPU shared with other work, "
-                        "1 avoids threads waiting for each other at every op")
+                   help="torch CPU threads (default on CPU: BENCH_CPU_THREADS in fastattn/constants.py, 1: "
+                        "on a CPU shared with other work more threads wait for each other at every op and "
+                        "timings turn bimodal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check against fp64")
     p.add_argument("--json", metavar="PATH", help='write {"env": ..., "records": [...]} here')
     p.add_argument("--markdown", metavar="PATH", help="write the README's table (machine named) here")
-    p.add_argument("--plots", metavar="DIR", help="write time/memory-vs-N and speedup PNGs here")
+    p.add_argument("--plots", metavar="DIR", help="write time/memory-vs-size and time-vs-naive PNGs here")
     p.add_argument("--compare", metavar="OLD.json", help="print the change per case against this --json file")
     p.add_argument("--fail-on-regression", action="store_true",
                    help="with --compare: exit 1 on any significant slowdown or newly failing case")
@@ -153,7 +153,7 @@ def _free_bytes(device) -> int:
 def _record(case, provider: str, **fields) -> dict:
     s = case.site
     record = {"shape": s.id, "B": s.B, "N": s.N, "M": s.M, "d_qk": s.d_qk, "d_v": s.d_v,
-              "config_B": s.config_B, "batch_note": s.batch_note, "dtype": case.dtype,
+              "config_B": s.config_B, "scale": s.scale, "batch_note": s.batch_note, "dtype": case.dtype,
               "direction": case.direction, "provider": provider, "status": "ok", "reason": None,
               "median_s": None, "q25_s": None, "q75_s": None, "n_repeats": 0, "peak_bytes": None,
               "max_err": None, "match": None, "flops": case.flops()}
@@ -172,7 +172,7 @@ def _run_provider(case, provider, inputs, reference, device, args, free_bytes) -
         return _record(case, provider, status="not supported", reason=why)
     try:
         fn = make_provider(provider)
-        setup, call = measure.make_call(fn, case.direction, inputs, SCALE)
+        setup, call = measure.make_call(fn, case.direction, inputs, case.site.scale)
         timing, first = measure.time_call(setup, call, device, args.min_time, args.min_repeats, args.repeats)
     except NotSupported as error:
         return _record(case, provider, status="not supported", reason=str(error))
@@ -191,7 +191,7 @@ def _run_provider(case, provider, inputs, reference, device, args, free_bytes) -
                 record["peak_bytes"] = measure.peak_bytes_cuda(setup, call, device)
             else:
                 record["peak_bytes"] = measure.peak_bytes_cpu(case.site, case.dtype, case.direction, provider,
-                                                              args.seed, SCALE, threads=torch.get_num_threads())
+                                                              args.seed, case.site.scale, threads=torch.get_num_threads())
         except Exception as error:
             record["memory_error"] = f"{type(error).__name__}: {error}"
     return record
@@ -205,6 +205,10 @@ def run(args) -> tuple[dict, list[dict]]:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
+    if args.threads is None and device.type == "cpu":
+        from ..constants import BENCH_CPU_THREADS
+
+        args.threads = BENCH_CPU_THREADS
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import measure
@@ -222,14 +226,17 @@ def run(args) -> tuple[dict, list[dict]]:
                                 args.batch, args.custom)
     providers = args.provider or default_providers(device)
     env = environment(device)
+    from ..constants import BENCH_MAX_TIME_FACTOR, BENCH_STABLE_SPREAD
     from .presets import over_cpu_work_cap
 
     left_out = (over_cpu_work_cap() if preset == "gan" and device.type == "cpu" and not args.shape
                 and args.custom is None else [])
-    env.update(preset=preset, providers=providers, scale=SCALE, seed=args.seed, left_out=left_out,
+    env.update(preset=preset, providers=providers, seed=args.seed, left_out=left_out,
                free_memory_bytes_at_start=free_bytes,
                timing=("CUDA events, L2 flushed" if device.type == "cuda" else "time.perf_counter")
-               + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s; 1 warm-up",
+               + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s, more "
+               f"(up to {BENCH_MAX_TIME_FACTOR}x the time) while the spread (IQR / median) is over "
+               f"{BENCH_STABLE_SPREAD:.0%}; 1 warm-up",
                memory_method=None if args.no_memory else (
                    "torch.cuda.max_memory_allocated beyond the inputs" if device.type == "cuda"
                    else "VmHWM - VmRSS in a fresh forked process, after a warm-up run"))
@@ -252,9 +259,9 @@ def run(args) -> tuple[dict, list[dict]]:
             if key not in reference_cache:
                 reference_cache.clear()  # cases of one site and dtype are consecutive
                 need_grads = any(c.direction != "fwd" for c in cases if (c.site, c.dtype) == key)
-                reference_cache[key] = measure.reference_results(inputs, SCALE, need_grads)
+                reference_cache[key] = measure.reference_results(inputs, case.site.scale, need_grads)
                 if any(c.direction == PENALTY_DIRECTION for c in cases if (c.site, c.dtype) == key):
-                    reference_cache[key] += (measure.reference_penalty_grads(inputs, SCALE),)
+                    reference_cache[key] += (measure.reference_penalty_grads(inputs, case.site.scale),)
             reference = reference_cache[key]
         for provider in providers:
             if bar is not None:
@@ -272,6 +279,7 @@ def run(args) -> tuple[dict, list[dict]]:
 
 
 def _print_header(env: dict, records: list[dict]) -> None:
+    from ..constants import BENCH_STABLE_SPREAD
     from .report import machine_line
 
     print(f"fastattn bench, preset {env['preset']}: {machine_line(env)}")
@@ -280,9 +288,15 @@ def _print_header(env: dict, records: list[dict]) -> None:
     notes = sorted({f"{r['shape']}: {r['batch_note']}" for r in records if r.get("batch_note")})
     for note in notes:
         print(f"  batch {note}")
+    unstable = [r for r in records if r.get("unstable")]
+    if unstable:
+        print(f"  WARNING: {len(unstable)} of {sum(r['status'] == 'ok' for r in records)} timings stayed UNSTABLE "
+              "(spread over the target when their repeats ran out): the machine is busy or throttling; "
+              "compare only ratios measured side by side, or rerun when it is quiet")
     if env.get("cpu_memory_noise_floor_bytes") is not None:
         print(f"  peak memory: {env['memory_method']}; noise floor {env['cpu_memory_noise_floor_bytes'] / 2**10:.0f} KiB")
-    print("  speedup = naive time / provider time; mem ratio = naive peak / provider peak; "
+    print("  time vs naive = provider time / naive time (below 1: faster); memory vs naive = provider peak / "
+          f"naive peak; spread = +-half the IQR over the median, UNSTABLE above +-{50 * BENCH_STABLE_SPREAD:.0f}%; "
           "max err: vs fp64 fastattn.reference; match: output within fastattn.constants.TOLERANCES, "
           "gradients within them or within ERROR_RATIO_GRAD x naive's gradient error (fp32 gradients "
           "summed over thousands of queries exceed the elementwise tolerances even for naive)")
@@ -306,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_derived(records, env)
     _print_header(env, records)
     print(report.markdown_table(records, env))
+    default_results = not (args.json or args.markdown or args.from_json)
+    if default_results:
+        args.json, args.markdown = _default_results_paths(env)
     if args.json:
         report.write_json(args.json, env, records)
         print(f"wrote {args.json}")
@@ -338,4 +355,13 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
         else:
             print("\nno regressions")
+    if default_results:
+        print(f"results: {args.json} and {args.markdown} ({report.machine_line(env)})")
     return status
+
+
+def _default_results_paths(env: dict) -> tuple[str, str]:
+    """fastattn-bench-results/<preset>-<device>-<UTC time>.{json,md} under the working directory."""
+    stamp = env["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    stem = os.path.join("fastattn-bench-results", f"{env['preset']}-{env['device_type']}-{stamp}")
+    return stem + ".json", stem + ".md"

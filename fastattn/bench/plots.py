@@ -1,5 +1,5 @@
 """PNG plots of a benchmark run (matplotlib, Agg backend): time and peak memory per sample against
-the problem size for each provider, and the speedup over naive per site.
+the problem size for each provider, and each provider's time / naive time per site.
 
 The x axis is not N alone: several sites share N (pooled and unpooled layers at one resolution)
 and differ in M and the channel widths. Time is plotted against the matmul FLOPs per sample of
@@ -72,26 +72,26 @@ def _against_size(records, groups, field: str, scale: float, x_of, ylabel: str, 
     plt.close(fig)
 
 
-def _speedup(records, groups, env: dict, path: Path):
+def _time_ratio(records, groups, env: dict, path: Path):
     plt = _pyplot()
     fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.8 * len(groups)), squeeze=False)
     for ax, (dtype, direction) in zip(axes[:, 0], groups):
         rows = [r for r in records if r["status"] == "ok" and r["dtype"] == dtype
-                and r["direction"] == direction and r.get("speedup_vs_naive") and r["provider"] != "naive"]
+                and r["direction"] == direction and r.get("time_vs_naive") and r["provider"] != "naive"]
         sites = list(dict.fromkeys(f"{r['shape']}\nB={r['B']}" for r in rows))
         providers = list(dict.fromkeys(r["provider"] for r in rows))
         width = 0.8 / max(1, len(providers))
         for i, provider in enumerate(providers):
-            values = {f"{r['shape']}\nB={r['B']}": r["speedup_vs_naive"] for r in rows if r["provider"] == provider}
+            values = {f"{r['shape']}\nB={r['B']}": r["time_vs_naive"] for r in rows if r["provider"] == provider}
             xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(sites))]
             ax.bar(xs, [values.get(s, 0.0) for s in sites], width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(sites)))
         ax.set_xticklabels(sites, fontsize=7)
-        ax.set_ylabel("speedup over naive (x)")
+        ax.set_ylabel("time / naive time (below 1: faster)")
         ax.set_title(f"{dtype} {direction}")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Speedup over the naive path per site\n{machine_line(env)}", fontsize=9)
+    fig.suptitle(f"Time relative to the naive path per site (provider time / naive time)\n{machine_line(env)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -103,10 +103,10 @@ def write_plots(records: list[dict], env: dict, directory: str) -> list[Path]:
     groups = _groups(records)
     if not groups:
         return []
-    paths = [out / "time_vs_flops.png", out / "memory_vs_pairs.png", out / "speedup_per_site.png"]
+    paths = [out / "time_vs_flops.png", out / "memory_vs_pairs.png", out / "time_vs_naive_per_site.png"]
     _against_size(records, groups, "median_s", 1e3, _x_flops, "median ms per sample", "Time against work",
                   env, paths[0])
     _against_size(records, groups, "peak_bytes", 2.0**-20, _x_pairs, "peak MiB per sample (beyond inputs)",
                   "Peak memory against N*M", env, paths[1])
-    _speedup(records, groups, env, paths[2])
+    _time_ratio(records, groups, env, paths[2])
     return paths

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import BENCH_CPU_WORK_CAP_FLOP, BENCH_MEMORY_FRACTION
+from ..reference import default_scale
 from ..shapes import GanShape, gan_shape, gan_shapes
 
 __all__ = [
@@ -42,24 +43,39 @@ PRESETS = ("default", "quick", "gan", "stress")
 
 # quick: one small site of each family (pooled and unpooled), CI-sized.
 QUICK_SITES = ("cifar_G", "sagan64_unpooled_G", "biggan128_G")
-# stress: the high-resolution sites, B=1. On a CPU the pooled 256x256 site is left out: its naive
+# stress: the high-resolution sites and the wide-head (d = C = 512) autoencoder site, B=1. On a CPU the pooled 256x256 site is left out: its naive
 # path needs ~16 GiB and minutes per repeat (name it with --shape to run it anyway).
-STRESS_SITES = ("biggan256_G128", "stress_unpooled128", "stress_pooled256")
-STRESS_SITES_CPU = ("biggan256_G128", "stress_unpooled128")
+STRESS_SITES = ("biggan256_G128", "stress_unpooled128", "stress_pooled256", "autoencoder_mid512")
+STRESS_SITES_CPU = ("biggan256_G128", "stress_unpooled128", "autoencoder_mid512")
 
 
 @dataclass(frozen=True)
 class Site:
-    """One attention site at the batch size the benchmark runs it with."""
+    """One attention site (a GanShape, which carries N, M, widths and the logit scale) at the batch
+    size the benchmark runs it with."""
 
-    id: str
+    shape: GanShape
     B: int
-    N: int
-    M: int
-    d_qk: int
-    d_v: int
-    config_B: int  # the batch size of the cited config (or the custom request)
-    batch_note: str = ""  # why B differs from config_B, stated in the output
+    batch_note: str = ""  # why B differs from the config's batch, stated in the output
+
+    @classmethod
+    def custom(cls, id: str, B: int, N: int, M: int, d_qk: int, d_v: int, scale: float = 1.0) -> "Site":
+        """A site that is not in gan_shapes.json (--custom, tests): unscaled logits unless `scale`
+        is d_qk**-0.5 (then it is a one-head full-width layer, C = d_qk = d_v)."""
+        full_width = d_qk == d_v and scale != 1.0
+        if full_width and abs(scale - default_scale(d_qk)) > 1e-12:
+            raise ValueError(f"a custom site's scale is 1.0 or d_qk**-0.5 = {default_scale(d_qk)}, got {scale}")
+        shape = GanShape(id=id, family="custom", B=B, H=0, W=0, C=d_qk if full_width else 0,
+                         N=N, M=M, d_qk=d_qk, d_v=d_v)
+        return cls(shape, B)
+
+    id = property(lambda self: self.shape.id)
+    N = property(lambda self: self.shape.N)
+    M = property(lambda self: self.shape.M)
+    d_qk = property(lambda self: self.shape.d_qk)
+    d_v = property(lambda self: self.shape.d_v)
+    config_B = property(lambda self: self.shape.B, doc="the batch size of the cited config (or the custom request)")
+    scale = property(lambda self: self.shape.scale, doc="the logit scale of the layer at this site")
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ class Case:
     @property
     def key(self) -> tuple:
         s = self.site
-        return (s.id, s.B, s.N, s.M, s.d_qk, s.d_v, self.dtype, self.direction)
+        return (s.id, s.B, s.N, s.M, s.d_qk, s.d_v, s.scale, self.dtype, self.direction)
 
     def flops(self) -> int:
         return attention_flops(self.site, self.direction)
@@ -104,10 +120,6 @@ def naive_bytes(B: int, N: int, M: int, dtype: torch.dtype, direction: str = "fw
     return matrices * B * N * M * torch.empty((), dtype=dtype).element_size()
 
 
-def _site_from_shape(shape: GanShape, batch: int, note: str) -> Site:
-    return Site(shape.id, batch, shape.N, shape.M, shape.d_qk, shape.d_v, shape.B, note)
-
-
 def _scaled_batch(shape: GanShape, dtype: torch.dtype, device: torch.device, free_bytes: int) -> tuple[int, str]:
     """The config's batch, reduced until the naive path fits (and, on CPU, within the work cap)."""
     budget = int(BENCH_MEMORY_FRACTION * free_bytes)
@@ -118,7 +130,7 @@ def _scaled_batch(shape: GanShape, dtype: torch.dtype, device: torch.device, fre
         reasons.append(f"memory: naive fwd+bwd needs {per_sample / 2**20:.0f} MiB per sample, "
                        f"budget {budget / 2**30:.1f} GiB")
     if device.type == "cpu":
-        per_sample_flop = attention_flops(Site(shape.id, 1, shape.N, shape.M, shape.d_qk, shape.d_v, 1), "fwd+bwd")
+        per_sample_flop = attention_flops(Site(shape, 1), "fwd+bwd")
         capped = max(1, min(batch, BENCH_CPU_WORK_CAP_FLOP // per_sample_flop))
         if capped < batch:
             reasons.append(f"CPU work cap {BENCH_CPU_WORK_CAP_FLOP / 1e9:.0f} GFLOP per fwd+bwd")
@@ -145,7 +157,7 @@ def over_cpu_work_cap() -> list[str]:
     """Sites whose naive fwd+bwd exceeds BENCH_CPU_WORK_CAP_FLOP even at B=1: the CPU `gan`
     preset leaves them to the `stress` preset (or an explicit --shape)."""
     return [s.id for s in gan_shapes()
-            if attention_flops(Site(s.id, 1, s.N, s.M, s.d_qk, s.d_v, 1), "fwd+bwd") > BENCH_CPU_WORK_CAP_FLOP]
+            if attention_flops(Site(s, 1), "fwd+bwd") > BENCH_CPU_WORK_CAP_FLOP]
 
 
 def preset_dtypes(preset: str, device: torch.device) -> list[str]:
@@ -201,7 +213,7 @@ def build_cases(
         if custom is not None:
             b = batch or custom["B"]
             name = f"custom_N{custom['N']}_M{custom['M']}_dqk{custom['d_qk']}_dv{custom['d_v']}"
-            sites.append((Site(name, b, custom["N"], custom["M"], custom["d_qk"], custom["d_v"], b), dtype))
+            sites.append((Site.custom(name, b, custom["N"], custom["M"], custom["d_qk"], custom["d_v"]), dtype))
             continue
         for site_id in site_ids:
             shape = gan_shape(site_id)
@@ -211,6 +223,6 @@ def build_cases(
                 b, note = 1, (f"B {shape.B} -> 1 ({resolved} preset)" if shape.B != 1 else "")
             else:
                 b, note = _scaled_batch(shape, DTYPES[dtype], device, free_bytes)
-            sites.append((_site_from_shape(shape, b, note), dtype))
+            sites.append((Site(shape, b, note), dtype))
     cases = [Case(site, dtype, direction) for site, dtype in sites for direction in directions]
     return cases, resolved

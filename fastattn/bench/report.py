@@ -14,7 +14,8 @@ import torch
 
 from ..constants import (BENCH_REGRESSION_RATIO, BOUND_EXP2_PER_CLOCK_PER_SM, BOUND_FLOP_PER_CLOCK_PER_SM,
                          ERROR_RATIO_GRAD)
-from ..testing import error_bound
+from ..accuracy import error_bound
+from .measure import is_unstable, spread
 from .presets import DTYPES
 
 __all__ = ["environment", "add_derived", "markdown_table", "write_json", "load_json", "compare",
@@ -39,6 +40,14 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: other work on a shared machine shows up here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _version(package: str) -> str | None:
@@ -85,7 +94,7 @@ def _gpu_clock_and_sms(device: torch.device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    from .. import __version__
+    from ..version import __version__
 
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -100,6 +109,7 @@ def environment(device: torch.device) -> dict:
         "fastattn": __version__,
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": _load_average(),
     }
     if device.type == "cuda":
         env.update(_gpu_clock_and_sms(device))
@@ -111,8 +121,10 @@ def machine_line(env: dict) -> str:
     if env.get("device_type") == "cuda":
         return (f"{env['device']} (sm {env.get('compute_capability')}, {env.get('sm_count')} SMs), "
                 f"torch {env['torch']}, triton {env.get('triton')}")
+    load = env.get("load_average_at_start")
+    load_text = f", load average {load[0]:.1f} at start" if load else ""
     return (f"CPU {env['cpu_model']}, {env['cpu_cores']} cores ({env['torch_threads']} torch threads), "
-            f"torch {env['torch']}")
+            f"torch {env['torch']}, triton {env.get('triton')}{load_text}")
 
 
 def _bound_seconds(record: dict, env: dict) -> float | None:
@@ -152,22 +164,26 @@ def _match(record: dict, naive: dict | None) -> str | None:
 
 
 def add_derived(records: list[dict], env: dict) -> None:
-    """match, speedup_vs_naive, mem_vs_naive, and on CUDA tflops and pct_of_bound, in place."""
+    """match, time_vs_naive (provider time / naive time: below 1 is faster), mem_vs_naive
+    (provider peak / naive peak), spread and unstable, and on CUDA tflops and pct_of_bound, in place."""
     naive = {record_key({**r, "provider": "naive"}): r for r in records
              if r["provider"] == "naive" and r["status"] == "ok"}
     for r in records:
-        r.setdefault("speedup_vs_naive", None)
+        r.setdefault("time_vs_naive", None)
         r.setdefault("mem_vs_naive", None)
         r.setdefault("tflops", None)
         r.setdefault("pct_of_bound", None)
         if r["status"] != "ok":
             continue
+        if r.get("q25_s") is not None and r.get("q75_s") is not None:
+            r["spread"] = spread(r["q25_s"], r["median_s"], r["q75_s"])
+            r["unstable"] = is_unstable(r["spread"])
         base = naive.get(record_key({**r, "provider": "naive"}))
         r["match"] = _match(r, base)
         if base is not None:
-            r["speedup_vs_naive"] = base["median_s"] / r["median_s"]
+            r["time_vs_naive"] = r["median_s"] / base["median_s"]
             if min(base.get("peak_bytes") or 0, r.get("peak_bytes") or 0) >= _MIN_PEAK_FOR_RATIO:
-                r["mem_vs_naive"] = base["peak_bytes"] / r["peak_bytes"]
+                r["mem_vs_naive"] = r["peak_bytes"] / base["peak_bytes"]
         if env.get("device_type") == "cuda":
             r["tflops"] = r["flops"] / r["median_s"] / 1e12
             bound = _bound_seconds(r, env)
@@ -186,10 +202,11 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def markdown_table(records: list[dict], env: dict, compact: bool = False) -> str:
     """The results table. compact: the README's columns (time, memory, ratios, match)."""
     gpu = env.get("device_type") == "cuda"
-    head = ["site", "B", "dtype", "dir", "provider", "median ms", "IQR ms", "peak MiB",
-            "speedup", "mem ratio", "max err", "match"]
+    head = ["site", "B", "dtype", "dir", "provider", "median ms", "spread", "IQR ms", "peak MiB",
+            "time vs naive", "memory vs naive", "max err", "match"]
     if compact:
-        head = ["site", "B", "dtype", "dir", "provider", "median ms", "peak MiB", "speedup", "mem ratio", "match"]
+        head = ["site", "B", "dtype", "dir", "provider", "median ms", "spread", "peak MiB", "time vs naive",
+                "memory vs naive", "match"]
     if gpu and not compact:
         head += ["TFLOP/s", "% bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -201,12 +218,14 @@ def markdown_table(records: list[dict], env: dict, compact: bool = False) -> str
         else:
             peak = r.get("peak_bytes")
             iqr = f"{_ms(r['q25_s'])}-{_ms(r['q75_s'])}"
-            speed = _fmt(r.get("speedup_vs_naive"), ".2f") + ("x" if r.get("speedup_vs_naive") else "")
-            mem = _fmt(r.get("mem_vs_naive"), ".2f") + ("x" if r.get("mem_vs_naive") else "")
-            cells = {"median ms": _ms(r["median_s"]), "IQR ms": iqr,
+            time_ratio = _fmt(r.get("time_vs_naive"), ".2f")
+            mem = _fmt(r.get("mem_vs_naive"), ".2f")
+            value = r.get("spread")
+            spread_text = "-" if value is None else f"±{50 * value:.0f}%" + (" UNSTABLE" if is_unstable(value) else "")
+            cells = {"median ms": _ms(r["median_s"]), "spread": spread_text, "IQR ms": iqr,
                      "peak MiB": ("error" if r.get("memory_error") else
                                   _fmt(None if peak is None else peak / 2**20, ".1f")),
-                     "speedup": speed, "mem ratio": mem, "max err": _fmt(r.get("max_err"), ".2e"),
+                     "time vs naive": time_ratio, "memory vs naive": mem, "max err": _fmt(r.get("max_err"), ".2e"),
                      "match": r.get("match") or "-", "TFLOP/s": _fmt(r.get("tflops"), ".1f"),
                      "% bound": _fmt(r.get("pct_of_bound"), ".0f")}
             row += [cells[h] for h in head[5:]]

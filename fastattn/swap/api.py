@@ -4,7 +4,8 @@ A layer is found in two ways, never by importing the user's code: by structure (
 the fast path: names and shapes of a known family), else by what its forward computes
 (`capture.py`: the softmax(q^T k) v core found in a trace of the forward on a probe input). Either
 way it is verified by the probe (`probe.py`) and swapped by replacing `forward` on the instance
-(`forward.py`); `handle.revert()` (`handle.py`) gives it its own forward back.
+(`forward.py`); `handle.revert()` (`handle.py`) gives it its own forward back, `unswap(model)`
+gives every swapped layer in any model (copies of a swapped model too) its own forward back.
 
 Which modules are traced: those whose class's own methods call softmax or
 scaled_dot_product_attention, or that hold an nn.Softmax child, and are not torch.nn's own. A
@@ -23,22 +24,10 @@ from ..nn import SelfAttention2d
 from .families import match
 from .forward import STATE, SwapState, install_forward, uninstall_forward
 from .handle import SkippedLayer, SwapHandle, SwappedLayer
+from .native import native_swap, native_unswap
 from .probe import capture_and_probe, probe
 
-__all__ = ["swap_attention"]
-
-def _native_swap(module: SelfAttention2d, backend: str | None):
-    """fastattn's own layer: switch a naive-mode SelfAttention2d to the fused path (and back)."""
-    before = (module.attention, module.backend)
-    module.attention, module.backend = "fastattn", backend
-
-    def revert() -> bool:
-        if (module.attention, module.backend) != ("fastattn", backend):
-            return False
-        module.attention, module.backend = before
-        return True
-
-    return revert
+__all__ = ["swap_attention", "unswap"]
 
 
 class _Unset:
@@ -110,7 +99,7 @@ def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bo
             else:
                 record = SwappedLayer(name, "fastattn", kind)
                 handle.swapped.append(record)
-                handle._installed.append((record, _native_swap(module, backend)))
+                handle._installed.append((record, native_swap(module, backend)))
             continue
         if STATE in module.__dict__:
             handle.already_swapped.append(SwappedLayer(name, module.__dict__[STATE].name, kind))
@@ -132,7 +121,7 @@ def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bo
             if failure:
                 reasons[candidate.family.name] = [failure]
                 continue
-            state = SwapState(candidate.family, backend)
+            state = SwapState(candidate.family, backend, layer=name)
             break
         if state is None and traceable:
             if patched:
@@ -143,7 +132,7 @@ def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bo
                     reasons["traced"] = [f"{why[0]}" + (f" (found: {pattern})" if pattern else "")]
                     reasons["traced"] += why[1:]
                 else:
-                    state = SwapState(None, backend, cores=cores, pattern=pattern)
+                    state = SwapState(None, backend, cores=cores, pattern=pattern, layer=name)
         if state is None:
             handle.skipped.append(SkippedLayer(name, kind, reasons))
             continue
@@ -163,3 +152,18 @@ def swap_attention(model: nn.Module, *, backend: str | None = _UNSET, strict: bo
         warnings.warn("fastattn.swap_attention left attention-like layers unswapped:\n"
                       + "\n".join(str(s) for s in handle.skipped), UserWarning, stacklevel=2)
     return handle
+
+
+def unswap(model: nn.Module) -> list[str]:
+    """Give every layer fastattn swapped in `model` its original forward back, in place, and
+    return their qualified names. Works on any model, not only the one a `SwapHandle` came
+    from: deep copies (EMA generators), `torch.save`/`torch.load` copies, the module inside an
+    nn.DataParallel or a torch.compile wrapper. fastattn's own SelfAttention2d layers get the
+    attention/backend they had before they were swapped. A model with nothing swapped gives []."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    reverted = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if uninstall_forward(module) or isinstance(module, SelfAttention2d) and native_unswap(module):
+            reverted.append(name)
+    return reverted

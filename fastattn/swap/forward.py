@@ -9,8 +9,10 @@ instance attribute gives the class's own forward back.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,28 +22,71 @@ from ..reference import default_scale
 from .capture import AttentionCapture, warn_miss
 from .families import AttentionFamily, forward_signature
 
-__all__ = ["run_family", "run_traced", "is_swapped", "install_forward", "uninstall_forward", "SwapState", "STATE"]
+__all__ = ["run_family", "run_traced", "is_swapped", "install_forward", "uninstall_forward", "SwapState",
+           "STATE", "ThreadRecorder"]
 
 STATE = "_fastattn_swap"
+# the instance attributes install_forward sets besides STATE (see install_forward)
+_INSTANCE_HOOKS = ("forward", "_replicate_for_data_parallel", "__prepare_scriptable__")
+
+
+class ThreadRecorder:
+    """Where a swapped layer's attention maps go while `handle.recording()` is open: into the
+    list of the thread that opened it (one list per thread that has it open), nowhere for calls
+    from other threads. A deep copy or pickle of a module that is recording does not record."""
+
+    def __init__(self):
+        self.lists: dict[int, list] = {}  # threading.get_ident() -> that thread's list
+
+    def active(self) -> bool:
+        """Whether the calling thread is recording."""
+        return threading.get_ident() in self.lists
+
+    def append(self, amap) -> None:
+        target = self.lists.get(threading.get_ident())
+        if target is not None:
+            target.append(amap)
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
 
 
 @dataclass
 class SwapState:
     family: AttentionFamily | None  # None: captured by computation ("traced")
     backend: str | None
-    recorder: list | None = field(default=None, compare=False)
+    recorder: ThreadRecorder | None = field(default=None, compare=False)  # while a thread records
     cores: dict | None = None  # traced: {training: positions of the core calls} (capture.py)
     pattern: str = ""
+    layer: str = ""  # qualified name in the model it was swapped in, for messages
 
     @property
     def name(self) -> str:
         return self.family.name if self.family is not None else "traced"
 
 
+_JIT_REFUSAL = (
+    "{what} cannot take the attention layer {layer} ({kind}) that fastattn.swap_attention swapped: "
+    "its forward is a Python callable set on the instance, which TorchScript can neither compile "
+    "nor trace faithfully (fastattn picks its backend per call). To compile the swapped model, "
+    "use torch.compile(model); to script or trace the original layers, call fastattn.unswap(model) first."
+)
+
+
+def _refuse_jit(module: nn.Module, what: str):
+    state = module.__dict__.get(STATE)
+    layer = repr(state.layer or "<model>") if state is not None else "<unknown>"
+    raise TypeError(_JIT_REFUSAL.format(what=what, layer=layer, kind=type(module).__name__))
+
+
 def run_traced(module: nn.Module, state: SwapState, args, kwargs):
     """The user's own forward, with only the attention core found at swap time run by fastattn."""
+    recorder = state.recorder if state.recorder is not None and state.recorder.active() else None
     mode = AttentionCapture(state.cores.get(module.training), backend=state.backend,
-                            recorder=state.recorder)
+                            recorder=recorder)
     with mode:
         output = type(module).forward(module, *args, **kwargs)
     output, _ = mode.finish(output)
@@ -113,6 +158,8 @@ class _SwappedForward:
 
     def __call__(self, *args, **kwargs):
         module = self.module
+        if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+            _refuse_jit(module, "torch.jit.trace")
         state: SwapState = module.__dict__[STATE]
         family = state.family
         if family is None:
@@ -121,9 +168,10 @@ class _SwappedForward:
             x = args[0]
         else:  # keyword call or a wrong call: let the original signature say what is wrong
             x = next(iter(forward_signature(module).bind(*args, **kwargs).arguments.values()))
-        want_map = family.returns_attention or state.recorder is not None
+        recording = state.recorder is not None and state.recorder.active()
+        want_map = family.returns_attention or recording
         y, amap = run_family(module, family, x, backend=state.backend, want_map=want_map)
-        if state.recorder is not None:
+        if recording:
             state.recorder.append(amap)
         if not family.returns_attention:
             return y
@@ -145,17 +193,34 @@ class _SwappedReplicate:
         return replica
 
 
+class _RefuseScript:
+    """torch.jit.script calls `__prepare_scriptable__()` on every submodule before it compiles
+    anything; on a swapped instance this raises the TypeError that says what to do instead,
+    where TorchScript itself would fail with an AttributeError about the forward object."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self):
+        _refuse_jit(self.module, "torch.jit.script")
+
+
 def install_forward(module: nn.Module, state: SwapState, replica: bool = False) -> None:
+    """Put fastattn's forward on the instance. Everything set here is a plain instance attribute
+    (copied by deepcopy, pickle and DataParallel's replicate; not in the state_dict)."""
     module.__dict__[STATE] = state
     module.__dict__["forward"] = _SwappedForward(module, replica=replica)
     module.__dict__["_replicate_for_data_parallel"] = _SwappedReplicate(module)
+    module.__dict__["__prepare_scriptable__"] = _RefuseScript(module)
 
 
-def uninstall_forward(module: nn.Module, state: SwapState) -> bool:
-    if module.__dict__.get(STATE) is not state:
+def uninstall_forward(module: nn.Module, state: SwapState | None = None) -> bool:
+    """Give the module its class's forward back; with `state`, only if that swap is the one
+    installed (a handle reverts only its own swaps). Returns whether it was swapped."""
+    if STATE not in module.__dict__ or state is not None and module.__dict__[STATE] is not state:
         return False
     del module.__dict__[STATE]
-    for name, kind in (("forward", _SwappedForward), ("_replicate_for_data_parallel", _SwappedReplicate)):
+    for name, kind in zip(_INSTANCE_HOOKS, (_SwappedForward, _SwappedReplicate, _RefuseScript)):
         if isinstance(module.__dict__.get(name), kind):
             del module.__dict__[name]
     return True

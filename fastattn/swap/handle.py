@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
-from .forward import SwapState
+from .forward import SwapState, ThreadRecorder
 
 __all__ = ["SwapHandle", "SwappedLayer", "SkippedLayer"]
+
+_RECORDING_LOCK = threading.Lock()  # guards SwapState.recorder across threads opening recordings
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,31 @@ class SwapHandle:
 
     @contextlib.contextmanager
     def recording(self):
-        """Collect the attention of every swapped layer call: yields {name: [AttentionMap, ...]}.
+        """Collect the attention of every swapped layer call made by this thread while the block
+        runs: yields {name: [AttentionMap, ...]}. Calls from other threads (a data loader, a
+        second model user) are not collected; each thread may open its own recording. Nested
+        recordings in one thread: the inner one collects until it ends, then the outer again.
         (fastattn's own SelfAttention2d layers are not recorded: use their attention_map(x).)"""
         maps: dict[str, list] = {}
         states = list(self._states)
-        for name, state in states:
-            state.recorder = maps.setdefault(name, [])
+        thread = threading.get_ident()
+        outer = []
+        with _RECORDING_LOCK:
+            for name, state in states:
+                if state.recorder is None:
+                    state.recorder = ThreadRecorder()
+                outer.append(state.recorder.lists.get(thread))
+                state.recorder.lists[thread] = maps.setdefault(name, [])
         try:
             yield maps
         finally:
-            for _, state in states:
-                state.recorder = None
+            with _RECORDING_LOCK:
+                for (_, state), previous in zip(states, outer):
+                    if state.recorder is None:
+                        continue
+                    if previous is None:
+                        state.recorder.lists.pop(thread, None)
+                    else:
+                        state.recorder.lists[thread] = previous
+                    if not state.recorder.lists:
+                        state.recorder = None

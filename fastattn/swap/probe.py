@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import SWAP_PROBE_SCALAR, SWAP_PROBE_SEED, SWAP_PROBE_SIZES, TOLERANCES
-from ..testing import describe_mismatch
+from ..accuracy import describe_mismatch
 from torch.utils import _pytree as pytree
 
 from .capture import AttentionCapture, analyse

@@ -20,7 +20,10 @@ def make(B, d_qk, N, M, d_v, dtype=torch.float64, seed=0):
 
 
 def small_chunks(monkeypatch, nbytes):
-    """Chunk budgets of the first-order and the double backward, so that both walk several chunks."""
+    """The torch backend's chunked strategy (not kept probabilities), with chunk budgets of the
+    first-order and the double backward that make both walk several chunks."""
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_BYTES", 0)
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES", 0)
     monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", nbytes)
     monkeypatch.setattr(constants, "DOUBLE_BACKWARD_CHUNK_BYTES", nbytes)
 
@@ -55,7 +58,28 @@ def test_gradgradcheck_fp64_torch_backend_over_several_chunks(shape, monkeypatch
     assert torch.autograd.gradgradcheck(attention_fn("torch", 0.6), (q, k, v))
 
 
-def test_double_backward_graph_runs_through_the_chunked_first_order_op():
+def test_gradgradcheck_fp64_kept_probabilities_strategy(monkeypatch):
+    """Small problems keep P for the first backward (torch_small.py) and save no output: the
+    double backward then recomputes delta from P."""
+    monkeypatch.setattr(constants, "DOUBLE_BACKWARD_CHUNK_BYTES", 2 * 5 * 8)
+    q, k, v = make(1, 10, 7, 5, 3)
+    assert torch.autograd.gradgradcheck(attention_fn("torch", 0.6), (q, k, v))
+
+
+def test_gradgradcheck_fp64_sdpa_backend():
+    from fastattn.dispatch import available_backends
+
+    sdpa = available_backends().get("sdpa")
+    if sdpa is None or sdpa.unavailable():
+        pytest.skip("no sdpa backend here")
+    q, k, v = make(1, 4, 6, 5, 4)  # the kernel needs d_qk == d_v
+    assert torch.autograd.gradgradcheck(attention_fn("sdpa", 0.6), (q, k, v))
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept_probs", "chunked"])
+def test_double_backward_graph_runs_through_the_chunked_first_order_op(keep, monkeypatch):
+    if not keep:
+        small_chunks(monkeypatch, 2 * 3 * 8)
     q, k, v = make(1, 2, 5, 3, 3)
     out = spatial_attention(q, k, v, backend="torch")
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)

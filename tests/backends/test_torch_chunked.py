@@ -219,6 +219,8 @@ class _LargestTensor(TorchDispatchMode):
 def test_no_intermediate_grows_with_n_times_m(N, monkeypatch):
     budget = 64 * 1024
     monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", budget)
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_BYTES", 0)  # the chunked strategy
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES", 0)
     M, d_v = N, 16
     q, k, v = make(1, 8, N, M, d_v, torch.float32, grad=True)
     saved = []
@@ -233,6 +235,8 @@ def test_no_intermediate_grows_with_n_times_m(N, monkeypatch):
 
 def test_chunk_rows_do_not_change_results(monkeypatch):
     q, k, v = make(2, 8, 70, 30, 12, grad=False)
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_BYTES", 0)  # the chunked strategy
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES", 0)
     want = torch_backend(q, k, v)
     for budget in (8, 30 * 8 * 2 * 3, 10**9):  # 1 row, uneven chunks, one chunk
         monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", budget)

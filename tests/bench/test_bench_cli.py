@@ -33,10 +33,10 @@ def test_tiny_custom_case_writes_json_markdown_and_plots_with_required_fields(tm
         assert r["max_err"] < 1e-4 and r["match"].startswith("OK"), r
         assert r["shape"] == "custom_N48_M12_dqk4_dv8" and r["B"] == 2
     naive = [r for r in records if r["provider"] == "naive"]
-    assert all(r["speedup_vs_naive"] == 1.0 for r in naive)
+    assert all(r["time_vs_naive"] == 1.0 for r in naive)
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("Machine: CPU") and "| fastattn-torch |" in table
-    for name in ("time_vs_flops.png", "memory_vs_pairs.png", "speedup_per_site.png"):
+    for name in ("time_vs_flops.png", "memory_vs_pairs.png", "time_vs_naive_per_site.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| naive |" in capsys.readouterr().out
     # the README's table is regenerated from committed results without rerunning anything
@@ -163,7 +163,7 @@ def test_compare_rejects_a_file_that_is_not_a_bench_result(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stress preset is checked here")
-def test_cpu_stress_preset_lists_the_two_issue_sites_at_batch_1_without_running(capsys):
+def test_cpu_stress_preset_lists_the_high_resolution_and_wide_head_sites_at_batch_1_without_running(capsys):
     assert main(["--preset", "stress", "--provider", "naive", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
@@ -171,4 +171,55 @@ def test_cpu_stress_preset_lists_the_two_issue_sites_at_batch_1_without_running(
         "biggan256_G128 B=1 float32 fwd+bwd naive  [B 64 -> 1 (stress preset)]",
         "stress_unpooled128 B=1 float32 fwd naive",
         "stress_unpooled128 B=1 float32 fwd+bwd naive",
+        "autoencoder_mid512 B=1 float32 fwd naive  [B 8 -> 1 (stress preset)]",
+        "autoencoder_mid512 B=1 float32 fwd+bwd naive  [B 8 -> 1 (stress preset)]",
     ]
+
+
+def test_spread_flags_unstable_timings_and_the_table_says_so():
+    from fastattn.bench.measure import is_unstable, spread
+    from fastattn.bench.report import add_derived, markdown_table
+    from fastattn.constants import BENCH_STABLE_SPREAD
+
+    assert spread(0.9, 1.0, 1.1) == pytest.approx(0.2) and spread(1.0, 1.0, 1.0) == 0.0
+    assert not is_unstable(BENCH_STABLE_SPREAD) and is_unstable(BENCH_STABLE_SPREAD + 1e-9)
+    base = {"shape": "s", "B": 1, "N": 4, "M": 4, "d_qk": 2, "d_v": 2, "dtype": "float32", "direction": "fwd",
+            "status": "ok", "peak_bytes": None}
+    records = [{**base, "provider": "naive", "median_s": 1.0, "q25_s": 0.99, "q75_s": 1.01},
+               {**base, "provider": "fastattn-torch", "median_s": 0.5, "q25_s": 0.1, "q75_s": 40.0}]
+    add_derived(records, {"device_type": "cpu"})
+    assert [r["unstable"] for r in records] == [False, True]
+    assert records[1]["time_vs_naive"] == 0.5  # one convention: provider time / naive time
+    table = markdown_table(records, {"device_type": "cpu"})
+    assert "time vs naive" in table and "speedup" not in table
+    assert table.count("UNSTABLE") == 1
+
+
+def test_timing_repeats_past_the_minimum_while_the_spread_is_too_wide(monkeypatch):
+    from itertools import cycle
+
+    from fastattn.bench import measure
+
+    monkeypatch.setattr(measure, "BENCH_MAX_TIME_FACTOR", 10**6)
+    durations = cycle([0.0, 0.002])  # bimodal: never stable, so it runs to max_repeats
+    import time as _time
+
+    def call(_):
+        _time.sleep(next(durations))
+    timing, _ = measure.time_call(lambda: None, call, torch.device("cpu"), min_time_s=1e-3, min_repeats=3,
+                                  max_repeats=9)
+    assert timing.n_repeats == 9 and timing.unstable
+    steady, _ = measure.time_call(lambda: None, lambda _: _time.sleep(0.003), torch.device("cpu"),
+                                  min_time_s=1e-3, min_repeats=3, max_repeats=50)
+    assert steady.n_repeats < 50
+
+
+def test_default_run_writes_json_and_markdown_and_names_them_on_the_last_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(TINY + ["--direction", "fwd", "--provider", "naive,fastattn-torch", "--no-memory"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("results: fastattn-bench-results/") and " and " in last and "threads" in last
+    json_path, md_path = last.split()[1], last.split()[3]
+    data = json.loads((tmp_path / json_path).read_text())
+    assert data["env"]["torch_threads"] == 1 and "load_average_at_start" in data["env"]
+    assert (tmp_path / md_path).read_text().startswith("Machine: CPU")

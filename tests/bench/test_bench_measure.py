@@ -8,7 +8,7 @@ from fastattn.shapes import gan_shapes
 
 
 def test_flop_counts_are_2BNM_times_the_matmul_widths():
-    site = Site("s", 2, 64, 16, 8, 32, 2)
+    site = Site.custom("s", 2, 64, 16, 8, 32)
     assert attention_flops(site, "fwd") == 2 * 2 * 64 * 16 * (8 + 32)
     assert attention_flops(site, "bwd") == 2 * 2 * 64 * 16 * (3 * 8 + 2 * 32)
     assert attention_flops(site, "fwd+bwd") == 2 * 2 * 64 * 16 * (4 * 8 + 3 * 32)
@@ -41,18 +41,20 @@ def test_gan_preset_batch_shrinks_with_the_memory_budget():
 
 def test_cpu_peak_memory_of_naive_forward_is_its_two_n_by_m_matrices():
     # logits and softmax, (1, 1024, 1024) fp32 each: 8 MiB, plus a 64 KiB output.
-    site = Site("m", 1, 1024, 1024, 8, 16, 1)
+    site = Site.custom("m", 1, 1024, 1024, 8, 16)
     peak = measure.peak_bytes_cpu(site, "float32", "fwd", "naive", seed=0, scale=1.0, threads=1)
     # Quiet machine: within ~100 KiB. Under load it read up to ~300 KiB low (freed pages already
     # resident before the high-water reset are reused uncounted; RSS counters are batched), so
     # the band is -1 MiB/+512 KiB: still far from one matrix (4 MiB) or three (12 MiB).
     assert 7 * 2**20 <= peak <= 8 * 2**20 + 2**19, peak
-    chunked = measure.peak_bytes_cpu(site, "float32", "fwd", "fastattn-torch", seed=0, scale=1.0, threads=1)
-    assert chunked < peak
+    # fastattn keeps this 4 MiB problem's probabilities (under TORCH_KEEP_PROBS_BYTES): at most
+    # naive's two matrices; the chunked path's bound is tested in tests/test_torch_backend.py
+    ours = measure.peak_bytes_cpu(site, "float32", "fwd", "fastattn-torch", seed=0, scale=1.0, threads=1)
+    assert ours <= peak + 2**19
 
 
 def test_accuracy_check_flags_a_wrong_output_and_passes_the_reference_itself():
-    site = Site("a", 1, 40, 12, 4, 6, 1)
+    site = Site.custom("a", 1, 40, 12, 4, 6)
     x = measure.make_inputs(site, "float32", torch.device("cpu"), seed=1)
     reference = measure.reference_results(x, 1.0, need_grads=True)
     setup, call = measure.make_call(reference_attention, "fwd+bwd", x, 1.0)
@@ -70,7 +72,7 @@ def test_tflops_and_percent_of_bound_follow_the_hopper_clock_model():
     env = {"device_type": "cuda", "compute_capability": "9.0", "sm_count": 132, "sm_clock_hz": 1.98e9}
     pairs = 2 * 4096 * 1024
     bound_s = pairs * 0.125 / (132 * 1.98e9)
-    site = Site("h", 2, 4096, 1024, 64, 64, 2)
+    site = Site.custom("h", 2, 4096, 1024, 64, 64)
     record = {"shape": "h", "B": 2, "N": 4096, "M": 1024, "d_qk": 64, "d_v": 64, "dtype": "bfloat16",
               "direction": "fwd", "provider": "fastattn-triton", "status": "ok", "median_s": 2 * bound_s,
               "flops": attention_flops(site, "fwd")}

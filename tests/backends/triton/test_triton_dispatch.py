@@ -227,8 +227,23 @@ def test_autotuned_shape_seen_before_skips_candidates_and_device_query(monkeypat
         return [table[0]]
 
     monkeypatch.setattr(autotune, "_shared_bytes", lambda device: calls.append("device") or None)
-    first = autotune._config("forward", q, v, "ieee", lambda c: None, candidates, None)
+    first = autotune._config("forward", q, k, v, "ieee", lambda c: None, candidates, None)
     assert calls == ["device", "candidates"]
     calls.clear()
-    assert autotune._config("forward", q, v, "ieee", lambda c: None, candidates, None) is first
+    assert autotune._config("forward", q, k, v, "ieee", lambda c: None, candidates, None) is first
     assert calls == []
+
+
+def test_ragged_shapes_get_the_tighter_budgets_and_aligned_ones_keep_the_large_tiles():
+    # specialised offline compile (kernels/configs.py): 128x128 forward and 128x64 dK/dV tiles fit
+    # aligned launches; ragged ones spill with block_m = 64 forward tiles and all but 64x16 dK/dV
+    fwd_aligned = cfg.forward_candidates(cfg.FORWARD_CONFIGS, 4096, 1024, 24, 96, 2, 227 * 1024)
+    fwd_ragged = cfg.forward_candidates(cfg.FORWARD_CONFIGS, 4093, 1021, 24, 96, 2, 227 * 1024)
+    assert any(c.block_m == 128 for c in fwd_aligned)
+    assert fwd_ragged and all(c.block_m <= 32 for c in fwd_ragged)
+    bwd_aligned = cfg.backward_candidates(cfg.BACKWARD_CONFIGS, 4096, 1024, 24, 96, 2, 227 * 1024)
+    bwd_ragged = cfg.backward_candidates(cfg.BACKWARD_CONFIGS, 4093, 1021, 24, 96, 2, 227 * 1024)
+    assert any(c.block_m == 128 and c.block_n == 64 for c in bwd_aligned)
+    assert bwd_ragged and all(c.block_m == 64 and c.block_n == 16 for c in bwd_ragged)
+    # a channels-last style view of aligned sizes is not aligned: its strides decide
+    assert cfg.launch_aligned(4096, 1, 96 * 4096) and not cfg.launch_aligned(4096, 1, 96 * 4093, 3)

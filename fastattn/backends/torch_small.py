@@ -1,0 +1,135 @@
+"""The torch backend's strategy for small problems: keep the probabilities.
+
+When the (B, N, M) probability matrix fits in constants.TORCH_KEEP_PROBS_BYTES (a few MiB, fixed,
+never proportional to N x M beyond it), recomputing it in the backward costs more than keeping
+it: at such sizes each op is microseconds and the chunked path's extra logits matmul, exp pass
+and per-chunk Python are what a step spends. This path computes the logits once, takes torch's
+fused softmax, saves the probabilities for the backward and differentiates them with the fused
+softmax backward: the naive layer's arithmetic, as one autograd node, in fp32 accumulation.
+
+Everything larger goes to the chunked path (torch_chunked.py), whose working memory is bounded.
+Double backward (create_graph) goes to chunked_grad.FirstOrderGrads (chunked recomputation).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import constants
+from ..reference import accumulation_dtype
+from .chunked_grad import first_order_grads
+from .torch_chunked import TorchChunkedBackend, chunked_attention
+
+__all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out"]
+
+
+def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
+    """Whether this problem takes the kept-probabilities path: its (B, N, M) matrix in the
+    accumulation dtype fits in TORCH_KEEP_PROBS_BYTES, or each sample's matrix is at most
+    TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES and the whole at most TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES
+    (a fixed cap either way: never proportional to N x M beyond it)."""
+    element = 8 if acc == torch.float64 else 4
+    per_sample = n_queries * n_keys * element
+    total = batch * per_sample
+    if total <= constants.TORCH_KEEP_PROBS_BYTES:
+        return True
+    return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
+            and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
+
+
+def _logits(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
+    logits = torch.bmm(q.transpose(1, 2).to(acc), k.to(acc))
+    if scale != 1.0:
+        logits.mul_(scale)
+    return logits
+
+
+def kept_probs_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """out alone, no graph (inference forward without return_lse): three fused ops."""
+    acc = accumulation_dtype(q.dtype)
+    p = torch.softmax(_logits(q, k, scale, acc), dim=-1)
+    return torch.bmm(v.to(acc), p.transpose(1, 2)).to(q.dtype)
+
+
+class _KeptProbsAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, need_lse):
+        with torch.autocast(q.device.type, enabled=False):
+            acc = accumulation_dtype(q.dtype)
+            logits = _logits(q, k, scale, acc)
+            # the log-sum-exp is one more pass over the (B, N, M) logits: only when asked for
+            lse = torch.logsumexp(logits, dim=-1) if need_lse else logits.new_empty(0)
+            p = torch.softmax(logits, dim=-1)
+            del logits
+            out = torch.bmm(v.to(acc), p.transpose(1, 2)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, p = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if grad_lse is not None and grad_lse.numel() == 0:  # lse was not computed (need_lse=False)
+            grad_lse = None
+        if torch.is_grad_enabled():  # create_graph: the first backward as a differentiable op
+            if grad_out is None:
+                grad_out = q.new_zeros(q.shape[0], v.shape[1], q.shape[2])
+
+            def first_order(grad_out, grad_lse):
+                return _backward(q, k, v, p, grad_out, grad_lse, ctx.scale, needs)
+            return first_order_grads(first_order, q, k, v, None, grad_out, grad_lse, ctx.scale, needs) + (None, None)
+        with torch.autocast(q.device.type, enabled=False):
+            return _backward(q, k, v, p, grad_out, grad_lse, ctx.scale, needs) + (None, None)
+
+
+def _backward(q, k, v, p, grad_out, grad_lse, scale, needs):
+    acc = p.dtype
+    dq = dk = dv = None
+    if grad_out is not None:
+        grad_out = grad_out.to(acc)
+        if needs[2]:
+            dv = torch.bmm(grad_out, p).to(v.dtype)  # (B, d_v, M)
+    if not (needs[0] or needs[1]):
+        return dq, dk, dv
+    if grad_out is not None:
+        dp = torch.bmm(grad_out.transpose(1, 2), v.to(acc))  # (B, N, M)
+        ds = torch._softmax_backward_data(dp, p, -1, acc)
+        del dp
+    else:
+        ds = torch.zeros_like(p)
+    if grad_lse is not None:  # d lse_i / d logit_ij = p_ij
+        ds.addcmul_(p, grad_lse.to(acc)[:, :, None])
+    if scale != 1.0:
+        ds.mul_(scale)
+    if needs[0]:
+        dq = torch.bmm(k.to(acc), ds.transpose(1, 2)).to(q.dtype)  # (B, d_qk, N)
+    if needs[1]:
+        dk = torch.bmm(q.to(acc), ds).to(k.dtype)  # (B, d_qk, M)
+    return dq, dk, dv
+
+
+def kept_probs_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0,
+                         need_lse: bool = True) -> tuple[Tensor, Tensor]:
+    """(out, lse), differentiable, probabilities kept for the backward (small problems only).
+    need_lse=False leaves lse empty (and saves its pass over the logits)."""
+    return _KeptProbsAttention.apply(q, k, v, float(scale), need_lse)
+
+
+class TorchBackend(TorchChunkedBackend):
+    """The `torch` backend: per problem size, kept probabilities (small) or chunked recomputation
+    (everything else), and no graph at all for an inference forward."""
+
+    def attention(self, q, k, v, scale):
+        if keeps_probabilities(q.shape[0], q.shape[2], k.shape[2], accumulation_dtype(q.dtype)):
+            return kept_probs_attention(q, k, v, scale)
+        return chunked_attention(q, k, v, scale)
+
+    def attention_out(self, q, k, v, scale):
+        small = keeps_probabilities(q.shape[0], q.shape[2], k.shape[2], accumulation_dtype(q.dtype))
+        if not small:
+            return chunked_attention(q, k, v, scale)[0]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
+        return kept_probs_out(q, k, v, scale)
