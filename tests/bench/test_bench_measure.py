@@ -87,7 +87,7 @@ def test_penalty_direction_counts_the_second_backward_and_checks_second_order_gr
     from fastattn import spatial_attention
     from fastattn.bench.presets import PENALTY_DIRECTION
 
-    site = Site("p", 2, 30, 11, 4, 6, 2)
+    site = Site.custom("p", 2, 30, 11, 4, 6)
     assert attention_flops(site, PENALTY_DIRECTION) == 2 * 2 * 30 * 11 * (11 * 4 + 8 * 6)
     x = measure.make_inputs(site, "float32", torch.device("cpu"), seed=2)
     reference = measure.reference_results(x, 1.0, need_grads=True) + (measure.reference_penalty_grads(x, 1.0),)
