@@ -31,8 +31,18 @@ Unmeasured: which variant is faster on a GPU. The autotuner times both per shape
 FASTATTN_TRITON_CONFIG is "fixed"); the fixed configuration is two-pass.
 
 d_v: when the padded d_v fits `block_dv`, one dK/dV program holds v and accumulates both dK and
-dV. Wider values take two launches: dK (with dp summed over DP_CHUNK-wide d_v chunks) and dV
-split over d_v in `block_dv` slices.
+dV. Wider values take two launches: dK (with dp summed over DP_CHUNK-wide d_v chunks, p
+computed once) and dV split over d_v in `dv_slice`-wide slices, each of which recomputes s and
+p. Exponentials per (query, key) pair, two-pass (atomic dQ: one fewer): fused 2; split
+2 + ceil(d_v / dv_slice). p needs no rescale here (it is exact from the forward's m and l), so
+unlike the forward's (kernels/forward.py) a wider slice costs only its accumulator's registers:
+dv_slice 256 (was block_dv, 128) takes exponentials per pair from 4 to 3 at d_v 192 and 256, 5
+to 4 at 300, 6 to 4 at 512 and 10 to 6 at 1024, and the dV launch's s recompute (d_qk MACs
+per pair per slice) and q/k loads halve with them. Computing p once for all of d_v would need a
+(block_m, d_v) fp32 dv accumulator, d_v / 2 registers per thread at 16 rows per warp (512 at
+d_v 1024): it does not fit. The 256-wide dV program (64x16, 4 warps, d_qk 64) takes 194
+registers aligned; ragged it spilled 128 B, so ragged launches keep 128 (configs._MAX_DV_SLICE).
+fp32 (FMA dots, twice the registers) keeps 128.
 """
 from __future__ import annotations
 
@@ -289,8 +299,8 @@ def launch_backward(kernel_call, grad_out, grad_lse, q, k, v, out, stats, scale,
         kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, 1, batch)](
             *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=dp_chunk,
             WITH_DK=True, WITH_DV=False, ATOMIC_DQ=atomic, **common_dkdv)
-        kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, triton.cdiv(d_v, c.block_dv), batch)](
-            *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=c.block_dv,
+        kernel_call(attention_backward_dkdv_kernel)[(n_key_blocks, triton.cdiv(d_v, c.dv_slice), batch)](
+            *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_DV=c.dv_slice,
             WITH_DK=False, WITH_DV=True, ATOMIC_DQ=False, **common_dkdv)
     if atomic:
         return dq_buffer.to(q.dtype), dk, dv

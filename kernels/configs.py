@@ -4,6 +4,9 @@ Naming follows the kernels: N queries, M keys/values. The forward program owns `
 queries and `block_dv` value channels and walks over the keys `block_m` at a time. The
 backward dK/dV program owns `block_m` keys and walks over the queries `block_n` at a time; the
 two-pass dQ program owns `block_n_dq` queries and walks over the keys `block_m_dq` at a time.
+When d_v is wider than `block_dv`, the backward's dV launch gives each program `block_m` keys
+and `dv_slice` value channels (256 for fp16/bf16 aligned launches: half the recomputed
+exponentials of 128-wide slices, kernels/backward.py).
 
 Provenance. Timing: none of these entries has been timed on a GPU; on CUDA the autotuner times
 the candidates per shape class at run time and keeps the fastest (`tuned_configs()` lists them).
@@ -72,6 +75,9 @@ class BackwardConfig:
     atomic_dq: bool  # one pass with dQ accumulated by fp32 atomics (non-deterministic order)
     num_warps: int = 4
     num_stages: int = 2
+    # value channels per program of the dV launch when d_v is split (wider than block_dv); each
+    # program recomputes p, so d_v / dv_slice exponentials per (query, key) pair (kernels/backward.py)
+    dv_slice: int = 256
 
 
 FORWARD_CONFIGS: tuple[ForwardConfig, ...] = (
@@ -105,9 +111,9 @@ FORWARD_CONFIGS_FP32: tuple[ForwardConfig, ...] = (
     ForwardConfig(128, 32, 128, num_warps=8, num_stages=3),
 )
 BACKWARD_CONFIGS_FP32: tuple[BackwardConfig, ...] = (
-    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2),
-    BackwardConfig(64, 16, 64, 32, 128, atomic_dq=False, num_warps=4, num_stages=1),
-    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=True, num_warps=2, num_stages=2),
+    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2, dv_slice=128),
+    BackwardConfig(64, 16, 64, 32, 128, atomic_dq=False, num_warps=4, num_stages=1, dv_slice=128),
+    BackwardConfig(32, 16, 64, 32, 128, atomic_dq=True, num_warps=2, num_stages=2, dv_slice=128),
 )
 
 # The fixed configuration (FASTATTN_TRITON_CONFIG=fixed, or torch deterministic algorithms on):
@@ -115,16 +121,16 @@ BACKWARD_CONFIGS_FP32: tuple[BackwardConfig, ...] = (
 FIXED_FORWARD = ForwardConfig(64, 32, 128, num_warps=4, num_stages=2)
 FIXED_BACKWARD = BackwardConfig(64, 16, 128, 32, 128, atomic_dq=False, num_warps=4, num_stages=2)
 FIXED_FORWARD_FP32 = ForwardConfig(64, 16, 128, num_warps=4, num_stages=2)
-FIXED_BACKWARD_FP32 = BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2)
+FIXED_BACKWARD_FP32 = BackwardConfig(32, 16, 64, 32, 128, atomic_dq=False, num_warps=2, num_stages=2, dv_slice=128)
 
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest tiles tl.dot accepts keep
 # the CI tests fast, and block_dv=64 makes the tests' d_v in {96, 300} take the split paths.
 INTERPRETER_FORWARD = ForwardConfig(16, 16, 64, num_warps=1, num_stages=1)
-INTERPRETER_BACKWARD = BackwardConfig(16, 16, 16, 16, 64, atomic_dq=False, num_warps=1, num_stages=1)
+INTERPRETER_BACKWARD = BackwardConfig(16, 16, 16, 16, 64, atomic_dq=False, num_warps=1, num_stages=1, dv_slice=64)
 
 # When pruning leaves nothing (d_qk near 256, fp32 with wide values): small tiles that fit.
 FALLBACK_FORWARD = ForwardConfig(64, 16, 64, num_warps=4, num_stages=1)
-FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warps=4, num_stages=1)
+FALLBACK_BACKWARD = BackwardConfig(64, 16, 64, 16, 64, atomic_dq=False, num_warps=4, num_stages=1, dv_slice=64)
 
 # Budgets of the pruning rules (see _forward_cost / _backward_cost for what they count), for
 # (aligned, ragged) launches: calibrated on the specialised offline compile above, where the
@@ -139,6 +145,10 @@ _FORWARD_BUDGET = {True: 144, False: 88}
 _FORWARD_BUDGET_FP32 = 112  # the fp32 table, vetted on the unspecialised compile (closest to ragged)
 _BACKWARD_BUDGET = {True: 360, False: 180}  # fp16/bf16; fp32 backward tiles all spill a little, vetted by hand
 _RAGGED_MAX_BLOCK_M = 32
+# Widest dV-launch slice (BackwardConfig.dv_slice) for (aligned, ragged) launches: the dV program
+# 64x16/4w at d_qk 64 with a 256-wide slice takes 194 registers aligned (no spill) and spills
+# 128 B ragged (255 registers), where a 128-wide one fits (sm_90, fp16/bf16 offline compile).
+_MAX_DV_SLICE = {True: 256, False: 128}
 _DEFAULT_SHARED_BYTES = 99 * 1024
 # tl.dot on NVIDIA gives each warp 16-row slices: a tile with fewer rows per warp replicates
 # work and, in the offline compile, always spilled.
@@ -191,9 +201,10 @@ def _clamp_backward(c, n, m, d_v, aligned=True):
             block_m_dq = min(block_m_dq, 32)
     if not aligned and num_warps < 8:  # ragged: the 4-warp 128x32 dQ tile spilled 96 B
         block_n_dq = min(block_n_dq, 64)
+    dv_slice = min(pad_width(c.dv_slice), pad_width(d_v), _MAX_DV_SLICE[aligned])
     return replace(c, block_m=block_m, block_n=_clamp(c.block_n, n), block_n_dq=block_n_dq,
                    block_m_dq=block_m_dq, block_dv=min(pad_width(c.block_dv), pad_width(d_v)),
-                   num_warps=_warps(num_warps, block_n_dq))
+                   dv_slice=dv_slice, num_warps=_warps(num_warps, block_n_dq))
 
 
 def _forward_cost(c, d_pad, dv_pad, elem_bytes):
@@ -220,6 +231,11 @@ def _backward_cost(c, d_pad, dv_pad, elem_bytes):
     if c.atomic_dq:  # the (d_pad, block_n) dQ partial and its atomic-add addressing
         elements += 8 * d_pad * c.block_n
     smem = c.num_stages * c.block_n * (d_pad + dv) * elem_bytes
+    if not fused:  # the dV launch's program: s and p, the (block_m, dv_slice) dv accumulator, k, q, dO
+        dv_program = (2 * c.block_m * c.block_n + c.block_m * c.dv_slice
+                      + (c.dv_slice * c.block_n + c.block_m * d_pad + d_pad * c.block_n) * elem_bytes // 4)
+        elements = max(elements, dv_program)
+        smem = max(smem, c.num_stages * c.block_n * (d_pad + c.dv_slice) * elem_bytes)
     return elements / (32 * c.num_warps), smem
 
 

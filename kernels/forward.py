@@ -13,8 +13,28 @@ into the scale instead (one multiply per pair fewer) rounds every logit once mor
 |s| * 2^-24, which made the output's fp32 error 2.5x the naive path's at |s| ~ 1e4.
 d_qk is padded to a power of two >= 16 with masked loads (zero padding adds exact zeros to the
 dot products). d_v wider than BLOCK_DV is split across programs (grid axis 1); each recomputes
-QK^T, which is cheap because d_qk is small, instead of holding a huge accumulator. Only the
-first value split stores the lse and the statistics, which every split computes identically.
+QK^T and the exponentials. Only the first value split stores the lse and the statistics, which
+every split computes identically.
+
+Why wide d_v keeps that split (issue 14 item 5). Per (query, key) pair the forward evaluates
+S = ceil(d_v / BLOCK_DV) exponentials (BLOCK_DV 128: 8 at d_v 1024, 3 at d_v 300) and S * d_qk
+extra MACs. Computing p once per tile needs the output accumulators of every d_v chunk alive
+across the key loop, whatever the loop order: BLOCK_N x d_v fp32, and since tl.dot gives each
+warp at least 16 rows, at least 16 * d_v / 32 = d_v / 2 registers per thread (512 at d_v 1024;
+255 is the limit, and the logits tile and q need ~30-90 of them). Holding them in global memory
+instead (read-rescale-write per key block) moves 8 * d_v / BLOCK_M bytes per pair (128 B at
+d_v 1024, BLOCK_M 64) against ~2 B of tile loads today. Two passes (row max and sum over all
+keys first, then exact p per slice) cost 1 + S exponentials instead of S. The one lever that
+fits registers is a wider slice: BLOCK_DV 256 (acc 128 registers per thread) halves S, but it
+passes the register budget only with BLOCK_M = 16 at d_qk <= 32 (configs._forward_cost: 128x16
+at 8 warps costs 144 at d_qk 24, 152 at d_qk 64; budgets 144 aligned, 88 ragged), and the
+online-softmax rescale of the accumulator, BLOCK_DV / BLOCK_M fp32 multiplies per pair per
+slice, then eats what the exponentials save. Per pair per slice on an H100 SM (16 exp/clk on
+the MUFU, 128 fp32 op/clk, ~4 other fp32 ops per pair): 1/16 + 128/(64*128) + 4/128 = 0.109
+clk now (128-wide, 64-key steps) against 1/16 + 256/(16*128) + 4/128 = 0.219 clk (256-wide,
+16-key steps): 8 x 0.109 = 0.875 = 4 x 0.219 clk per pair at d_v 1024, no gain, and 16-key
+steps pipeline worse. So the split is kept; the backward, which has no rescale, does widen its
+slice (kernels/backward.py).
 
 Statistics for the backward, `stats` (B, 2, N) fp32: row 0 the row maximum m of the logits
 exactly as this kernel computed them, row 1 the row sum l = sum_j exp2((s_j - m) * log2 e).

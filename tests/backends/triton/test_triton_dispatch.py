@@ -171,6 +171,20 @@ def test_candidates_that_overflow_registers_or_shared_memory_are_pruned_with_a_f
     assert bwd and all(c.block_dv <= 128 for c in bwd)
 
 
+@pytest.mark.parametrize("aligned, slices", [(True, 4), (False, 8)], ids=["aligned", "ragged"])
+def test_wide_dv_backward_recomputes_probabilities_once_per_dv_slice(aligned, slices):
+    # d_v 1024, the fixed fp16 configuration: one dK launch (p once per pair) and one dV launch
+    # whose programs each recompute p for a 256-wide (ragged launches: 128-wide) value slice
+    from fastattn.kernels.offline_compile import record_launches
+
+    n, m = (4096, 1024) if aligned else (4093, 1021)
+    bwd = cfg.backward_candidates([cfg.FIXED_BACKWARD], n, m, 64, 1024, 2, aligned=aligned)
+    assert bwd[0].dv_slice == 1024 // slices
+    launches = record_launches(n, m, 64, 1024, torch.float16, (), bwd)
+    dkdv = [(x.kwargs["WITH_DK"], x.kwargs["WITH_DV"], x.grid[1]) for x in launches if "WITH_DV" in x.kwargs]
+    assert dkdv == [(True, False, 1), (False, True, slices)]
+
+
 def test_deterministic_candidates_exclude_atomic_dq():
     kept = cfg.backward_candidates(cfg.BACKWARD_CONFIGS, 4096, 1024, 24, 96, 2, deterministic=True)
     assert kept and not any(c.atomic_dq for c in kept)

@@ -209,6 +209,33 @@ def test_atomic_dq_backward_matches_two_pass_backward():
             assert_close(one_pass, two_pass, torch.float32, f"{name} (d_v={d_v})", atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dv_slice", [64, 128])
+def test_wide_dv_split_paths_give_out_lse_and_gradients_within_accuracy_rule_of_fp64(dv_slice):
+    """d_v = 150 at a tiny shape: three 64-wide forward value splits, the dK launch's dp summed
+    over three 64-wide chunks, and the dV launch in 64- or 128-wide slices (a ragged last one;
+    128 is wider than block_dv, as on the GPU where dv_slice 256 exceeds block_dv 128)."""
+    from fastattn.backends.triton.ops import attention_forward_op
+    from fastattn.kernels.backward import launch_backward
+    from fastattn.kernels.configs import INTERPRETER_BACKWARD, pad_width
+
+    batch, d_qk, n, m, d_v = 1, 8, 20, 17, 150
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = _contiguous(batch, d_qk, n, m, d_v, torch.float32, gen)
+    grad_out, grad_lse = torch.randn(batch, d_v, n, generator=gen), torch.randn(batch, n, generator=gen)
+    want = _run(q.double(), k.double(), v.double(), None, grad_out.double(), grad_lse.double())
+    naive = _run(q, k, v, None, grad_out, grad_lse)
+    out, lse, stats = attention_forward_op(q, k, v, SCALE, "ieee")
+    config = dataclasses.replace(INTERPRETER_BACKWARD, dv_slice=dv_slice)
+    grads = launch_backward(lambda f: f, grad_out, grad_lse, q, k, v, out, stats, SCALE, "ieee", config,
+                            pad_width(d_qk), pad_width(d_v))
+    ratios = [ERROR_RATIO_OUT] * 2 + [ERROR_RATIO_GRAD] * 3
+    for name, g, nv, w, ratio in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], naive, want, ratios):
+        bound = error_bound(max_abs_error(nv, w), ratio, torch.float32)
+        assert max_abs_error(g, w) <= bound, (
+            f"{name}: error {max_abs_error(g, w):.3g} > {bound:.3g} ({ratio}x naive {max_abs_error(nv, w):.3g} "
+            f"+ floor); {describe_mismatch(g, w, 0.0, 0.0, name)}")
+
+
 def test_repeated_runs_are_bitwise_identical_under_the_interpreter():
     gen = torch.Generator().manual_seed(11)
     q, k, v = _contiguous(1, 8, 40, 24, 40, torch.float16, gen)
