@@ -28,7 +28,7 @@ from ..dispatch import Backend
 from ..reference import accumulation_dtype
 from .chunked_grad import first_order_grads
 
-__all__ = ["TorchChunkedBackend", "chunked_attention", "differentiable_grads"]
+__all__ = ["TorchChunkedBackend", "chunked_attention"]
 
 
 def _rows_per_chunk(batch: int, n_keys: int, n_queries: int, acc: torch.dtype) -> int:
@@ -129,42 +129,10 @@ def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, scale, needs):
     )
 
 
-def _differentiable(q, k, v, scale):
-    """(out, lse) by chunked differentiable ops: used for double backward only."""
-    acc = accumulation_dtype(q.dtype)
-    k_acc, v_acc = k.to(acc), v.to(acc)
-    rows = _rows_per_chunk(q.shape[0], k.shape[2], q.shape[2], acc)
-    outs, lses = [], []
-    for start, stop in _chunks(q.shape[2], rows):
-        logits = torch.bmm(q[:, :, start:stop].transpose(1, 2).to(acc), k_acc) * scale
-        # softmax, not exp(logits - lse): see the module docstring
-        outs.append(torch.bmm(v_acc, torch.softmax(logits, dim=-1).transpose(1, 2)))
-        lses.append(torch.logsumexp(logits, dim=-1))
-    if not outs:  # N == 0
-        return q.new_zeros(q.shape[0], v.shape[1], 0), q.new_zeros(q.shape[0], 0, dtype=acc)
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=1)
-
-
 def _no_autocast(device: torch.device):
     """Autocast would push the fp32 accumulation bmms down to fp16/bf16: the op picks its own
     precision (fp32 statistics and accumulators), so autocast is off inside it."""
     return torch.autocast(device.type, enabled=False)
-
-
-def differentiable_grads(q, k, v, grad_out, grad_lse, scale, needs):
-    """(dq, dk, dv) with a graph, for create_graph=True (double backward, gradient penalties).
-
-    Recomputes (out, lse) from q, k, v with differentiable chunked ops and differentiates them,
-    so second derivatives follow. Also used by the Triton backend's backward under create_graph.
-    """
-    inputs = [t for t, need in zip((q, k, v), needs) if need]
-    out, lse = _differentiable(q, k, v, scale)
-    outputs, grads = [out], [grad_out]
-    if grad_lse is not None:
-        outputs.append(lse)
-        grads.append(grad_lse.to(lse.dtype))
-    got = iter(torch.autograd.grad(outputs, inputs, grads, create_graph=True, allow_unused=True))
-    return tuple(next(got) if need else None for need in needs)
 
 
 class _ChunkedAttention(torch.autograd.Function):
