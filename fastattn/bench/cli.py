@@ -160,40 +160,69 @@ def _record(case, provider: str, **fields) -> dict:
     return record
 
 
-def _run_provider(case, provider, inputs, reference, device, args, free_bytes) -> dict:
+def _error_record(case, provider: str, error: BaseException) -> dict:
+    import torch
+
+    from .providers import NotSupported
+
+    if isinstance(error, NotSupported):
+        return _record(case, provider, status="not supported", reason=str(error))
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return _record(case, provider, status="error", reason=f"out of memory: {str(error).splitlines()[0]}")
+    return _record(case, provider, status="error", reason=f"{type(error).__name__}: {error}")
+
+
+def _run_case(case, providers: list[str], inputs, reference, device, args, free_bytes) -> list[dict]:
+    """One record per provider. On a CPU the providers are timed interleaved, round by round
+    (measure.time_interleaved), so load from other work hits them alike; on CUDA one after
+    another. Then per provider: accuracy, and peak memory (CPU: each in a fresh process)."""
     import torch
 
     from . import measure
-    from .providers import NotSupported, make_provider, skip_reason
+    from .providers import make_provider, skip_reason
 
-    why = skip_reason(provider, case, device, free_bytes)
-    if why:
-        return _record(case, provider, status="not supported", reason=why)
-    try:
-        fn = make_provider(provider)
-        setup, call = measure.make_call(fn, case.direction, inputs, case.site.scale)
-        timing, first = measure.time_call(setup, call, device, args.min_time, args.min_repeats, args.repeats)
-    except NotSupported as error:
-        return _record(case, provider, status="not supported", reason=str(error))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-        return _record(case, provider, status="error", reason=f"out of memory: {str(error).splitlines()[0]}")
-    except Exception as error:
-        return _record(case, provider, status="error", reason=f"{type(error).__name__}: {error}")
-    record = _record(case, provider, median_s=timing.median_s, q25_s=timing.q25_s, q75_s=timing.q75_s,
-                     n_repeats=timing.n_repeats)
-    if reference is not None:
-        record.update(measure.accuracy(first, reference, case.direction, case.dtype))
-    del first
-    if not args.no_memory:
+    records: dict[str, dict] = {}
+    calls: dict[str, tuple] = {}
+    for provider in providers:
+        why = skip_reason(provider, case, device, free_bytes)
+        if why:
+            records[provider] = _record(case, provider, status="not supported", reason=why)
+            continue
+        try:
+            calls[provider] = measure.make_call(make_provider(provider), case.direction, inputs, case.site.scale)
+        except Exception as error:
+            records[provider] = _error_record(case, provider, error)
+    groups = [list(calls)] if device.type == "cpu" else [[p] for p in calls]
+    for group in groups:
+        outcomes = measure.time_interleaved({p: calls[p] for p in group}, device, args.min_time,
+                                            args.min_repeats, args.repeats)
+        for provider, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                records[provider] = _error_record(case, provider, outcome)
+                continue
+            timing, first = outcome
+            record = _record(case, provider, median_s=timing.median_s, q25_s=timing.q25_s, q75_s=timing.q75_s,
+                             n_repeats=timing.n_repeats)
+            if reference is not None:
+                record.update(measure.accuracy(first, reference, case.direction, case.dtype))
+            records[provider] = record
+        del outcomes
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for provider in calls:
+        record = records[provider]
+        if args.no_memory or record["status"] != "ok":
+            continue
         try:
             if device.type == "cuda":
-                record["peak_bytes"] = measure.peak_bytes_cuda(setup, call, device)
+                record["peak_bytes"] = measure.peak_bytes_cuda(*calls[provider], device)
             else:
                 record["peak_bytes"] = measure.peak_bytes_cpu(case.site, case.dtype, case.direction, provider,
                                                               args.seed, case.site.scale, threads=torch.get_num_threads())
         except Exception as error:
             record["memory_error"] = f"{type(error).__name__}: {error}"
-    return record
+    return [records[p] for p in providers]
 
 
 def run(args) -> tuple[dict, list[dict]]:
@@ -232,7 +261,9 @@ def run(args) -> tuple[dict, list[dict]]:
                 and args.custom is None else [])
     env.update(preset=preset, providers=providers, seed=args.seed, left_out=left_out,
                free_memory_bytes_at_start=free_bytes,
-               timing=("CUDA events, L2 flushed" if device.type == "cuda" else "time.perf_counter")
+               timing=("CUDA events, L2 flushed; providers one after another" if device.type == "cuda" else
+                       "time.perf_counter; providers interleaved, one repeat each per round (naive, sdpa, "
+                       "fastattn, naive, ...), the same number of rounds for all")
                + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s, more "
                f"(up to {BENCH_MAX_TIME_FACTOR}x the time) while the spread (IQR / median) is over "
                f"{BENCH_STABLE_SPREAD:.0%}; 1 warm-up",
@@ -260,15 +291,14 @@ def run(args) -> tuple[dict, list[dict]]:
                 need_grads = any(c.direction != "fwd" for c in cases if (c.site, c.dtype) == key)
                 reference_cache[key] = measure.reference_results(inputs, case.site.scale, need_grads)
             reference = reference_cache[key]
-        for provider in providers:
-            if bar is not None:
-                bar.set_description(f"{case.site.id} {case.dtype} {case.direction} {provider}")
-            records.append(_run_provider(case, provider, inputs, reference, device, args, free_bytes))
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if bar is not None:
-                bar.update()
+        if bar is not None:
+            bar.set_description(f"{case.site.id} {case.dtype} {case.direction}")
+        records.extend(_run_case(case, providers, inputs, reference, device, args, free_bytes))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if bar is not None:
+            bar.update(len(providers))
         del inputs, reference
     if bar is not None:
         bar.close()

@@ -84,7 +84,8 @@ def _slowed(data: dict, providers: tuple[str, ...], factor: float) -> dict:
     return old
 
 
-def test_compare_flags_every_injected_slowdown_and_fail_on_regression_exits_1(tmp_path, capsys):
+def test_compare_flags_every_injected_slowdown_and_fail_on_regression_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run without --json writes its default results file here
     new = tmp_path / "new.json"
     assert main(TINY + ["--direction", "fwd", "--provider", "naive,fastattn-torch", "--no-memory",
                         "--no-check", "--json", str(new)]) == 0
