@@ -300,8 +300,9 @@ def _release_heap() -> None:
         pass
 
 
-def _peak_of(setup, call) -> int:
-    """Release freed heap, reset the high-water mark, run call(setup()) once: VmHWM - VmRSS."""
+def _peak_of(setup, call) -> tuple[int, int]:
+    """Release freed heap, reset the high-water mark, run call(setup()) once:
+    (VmHWM - VmRSS, VmRSS before the call)."""
     _release_heap()
     arg = setup()
     _release_heap()
@@ -310,7 +311,7 @@ def _peak_of(setup, call) -> int:
     result = call(arg)
     peak = status_bytes("VmHWM") - base
     del result, arg
-    return peak
+    return peak, base
 
 
 def _cpu_child(conn, factory, factory_args: tuple, threads: int) -> None:
@@ -327,7 +328,7 @@ def _cpu_child(conn, factory, factory_args: tuple, threads: int) -> None:
         setup, call = factory(*factory_args)
         result = call(setup())  # warm-up (lazy initialisation, compilation, optimizer state)
         del result
-        conn.send(("ok", _peak_of(setup, call)))
+        conn.send(("ok", _peak_of(setup, call)))  # (peak growth, resident before)
     except BaseException as error:  # reported to the parent, which records it
         conn.send(("error", f"{type(error).__name__}: {error}"))
     finally:
@@ -346,10 +347,11 @@ def _context():
 
 
 def peak_bytes_cpu_fresh(factory, factory_args: tuple, threads: int | None = None,
-                         timeout_s: float = 1800.0) -> int:
+                         timeout_s: float = 1800.0, with_resident: bool = False):
     """Peak resident memory growth of one run of `factory(*factory_args)`'s (setup, call) in a
-    fresh process (the module docstring's CPU method). `factory` is a module-level function (it
-    is sent to the process by name). Raises RuntimeError on failure."""
+    fresh process (the module docstring's CPU method); with_resident: (growth, resident set size
+    just before the run). `factory` is a module-level function (it is sent to the process by
+    name). Raises RuntimeError on failure."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_cpu_child, args=(child, factory, factory_args,
@@ -370,7 +372,8 @@ def peak_bytes_cpu_fresh(factory, factory_args: tuple, threads: int | None = Non
             process.kill()
     if status != "ok":
         raise RuntimeError(value)
-    return int(value)
+    peak, resident = int(value[0]), int(value[1])
+    return (peak, resident) if with_resident else peak
 
 
 def attention_case_call(site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float):

@@ -147,6 +147,9 @@ def test_compare_fails_when_nothing_was_timed_in_both_runs():
     (["--compare", "/nonexistent/old.json"], "--compare: cannot read /nonexistent/old.json"),
     (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--preset", "train-step", "--provider", "sdpa"], "--provider does not apply to it"),
+    (["--preset", "train-step", "--resolution", "100"], "--resolution must be powers of two >= 16"),
+    (["--resolution", "128"], "--resolution and --ch apply to --preset train-step only"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument_and_what_was_expected(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
