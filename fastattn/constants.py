@@ -32,6 +32,18 @@ TORCH_CHUNK_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES = 64 * 2**10
 TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20
+# Largest (B, N, M) probability matrix (bytes) for which a forward that needs a graph (training,
+# no return_lse) runs torch's own autograd of bmm -> softmax -> bmm instead of the kept-
+# probabilities autograd.Function: both save only the probabilities, but the Function's Python
+# backward costs ~40-60 us per call, which is 15% of a CIFAR-sized call. Measured (1 thread,
+# shared 2-core AMD EPYC VM, load average 1.7-2.2, torch 2.13.0+cpu, 2026-12-02, /tmp script:
+# median of 300-1000 fwd+bwd calls, us), naive / Function / plain autograd:
+#   CIFAR G (256x64, d 48/192)  B=1 64 KiB: 370 / 406 / 369   B=2 128 KiB: 682 / 739 / 669
+#                               B=4 256 KiB: 1322 / 1332 / 1296   B=8 512 KiB: 2716 / 2707 / 2761
+#   CIFAR D (256x64, d 16/64)   B=1 64 KiB: 192 / 214 / 190   B=4 256 KiB: 569 / 558 / 575
+#   1024x256 d 8/32             B=1 1 MiB: 2179 / 1272 / 2057 (the Function's backward wins)
+# Plain autograd wins up to 128 KiB and loses or ties from 256 KiB.
+TORCH_PLAIN_AUTOGRAD_BYTES = 128 * 2**10
 
 # --- sdpa backend (PyTorch's fused CPU flash kernel, fastattn/backends/sdpa.py) -----------------
 # Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width up.

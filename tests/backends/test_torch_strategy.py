@@ -134,3 +134,16 @@ def test_automatic_choice_takes_sdpa_only_for_wide_equal_heads_and_a_forced_back
     assert select_backend(*gan, backend="torch") is get_backend("torch")
     with pytest.raises(BackendUnavailableError):
         select_backend(*gan, backend="sdpa")
+
+
+def test_tiny_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kept_function():
+    # (2, 37, 23) fp32 probabilities: 6.8 KiB, under TORCH_PLAIN_AUTOGRAD_BYTES
+    small = [t.requires_grad_() for t in _make(2, 10, 37, 23, 30, torch.float32)[:3]]
+    assert type(spatial_attention(*small, backend="torch").grad_fn).__name__ == "BmmBackward0"
+    _check_rule(lambda q, k, v, s: spatial_attention(q, k, v, scale=s, backend="torch"), SHAPES[1], torch.float32)
+    side = int((constants.TORCH_PLAIN_AUTOGRAD_BYTES // 4) ** 0.5) + 1
+    large = [t.requires_grad_() for t in _make(1, 4, side, side, 4, torch.float32)[:3]]
+    assert "Backward" in type(spatial_attention(*large, backend="torch").grad_fn).__name__
+    assert type(spatial_attention(*large, backend="torch").grad_fn).__name__ != "BmmBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would lower torch's own bmm
+        assert spatial_attention(*small, backend="torch").dtype == torch.float32
