@@ -13,6 +13,17 @@ import torch
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
 # 8 MiB is fastest at both. Not measured on CUDA, where automatic choice takes the triton backend.
 TORCH_CHUNK_BYTES = 8 * 2**20
+# With one torch thread (fastattn bench's CPU default, and any job pinned to one core) the best
+# budget is smaller: one core's 2 MiB L2. Measured (benchmarks/tune_chunk.py's method, interleaved
+# with naive and SDPA in rounds: /tmp script on measure.time_interleaved; 1 thread, shared 2-core AMD
+# EPYC VM, load average 2-2.6, torch 2.13.0+cpu, 2026-12-02), fp32 fwd+bwd, fastattn / naive time:
+#                                     budget MiB:  1     2     4     8     (SDPA / naive)
+#   biggan128_G (4096x1024, d 24/96) B=1            0.51  0.54  0.57  0.61  (0.67)
+#   biggan128_G B=6                                 0.59  0.56  0.54  0.55  (0.77)
+#   biggan128_D (4096x1024, d 12/48) B=12           0.47  0.40  0.41  0.42  (0.78)
+#   biggan256_G128 (16384x4096, d 24/96) B=1        0.44  0.42  0.42  0.51  (0.73)
+# 2 MiB is best or within 0.03 of best at every one; at 2 threads 8 MiB stays (table above).
+TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
 # Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
 # keeps for the backward instead of recomputing it chunk by chunk (fastattn/backends/torch_small.py).
 # Below it the naive layer's arithmetic as one node (fused softmax, fused softmax backward, no

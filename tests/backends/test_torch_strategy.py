@@ -147,3 +147,18 @@ def test_tiny_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kep
     assert type(spatial_attention(*large, backend="torch").grad_fn).__name__ != "BmmBackward0"
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would lower torch's own bmm
         assert spatial_attention(*small, backend="torch").dtype == torch.float32
+
+
+def test_chunk_budget_is_the_one_thread_budget_on_one_thread_and_never_above_the_general_one(monkeypatch):
+    from fastattn.backends.torch_chunked import chunk_bytes
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert chunk_bytes() == min(constants.TORCH_CHUNK_BYTES, constants.TORCH_CHUNK_BYTES_ONE_THREAD)
+        monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 1024)  # tests that force many chunks still do
+        assert chunk_bytes() == 1024
+        torch.set_num_threads(2)
+        assert chunk_bytes() == 1024
+    finally:
+        torch.set_num_threads(threads)
