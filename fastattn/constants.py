@@ -24,6 +24,17 @@ TORCH_CHUNK_BYTES = 8 * 2**20
 #   biggan256_G128 (16384x4096, d 24/96) B=1        0.44  0.42  0.42  0.51  (0.73)
 # 2 MiB is best or within 0.03 of best at every one; at 2 threads 8 MiB stays (table above).
 TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
+# ... but never fewer query rows per chunk than this (still within TORCH_CHUNK_BYTES): with a large
+# batch a 2 MiB chunk is a few rows (studiogan64_G B=119, M=256: 17 rows) and the per-chunk
+# matmuls get too small. Found in the committed gan run (benchmarks/results/cpu/gan.json, 1 thread,
+# load average 1.0, 2026-12-02): with 2 MiB alone studiogan64_G B=119 fwd+bwd was 1.09x naive and
+# sagan128_G B=64 0.98x (SDPA 0.86x, 0.89x). Re-measured side by side (same method as the table
+# above, load average 0.8), fastattn / naive fwd+bwd, budget 2 / 8 / 32 MiB:
+#   studiogan64_G B=119 (1024x256, d 20/80): 1.16 / 0.73 / 0.71 (17 / 68 / 275 rows)
+#   sagan128_G B=64 (1024x256, d 32/128):    1.01 / 0.78 / 0.84 (32 / 128 / 512 rows)
+# 128 rows gives every point measured in both tables its best or near-best budget (biggan128_D
+# B=12: 128 rows = 6 MiB, 0.41-0.42; biggan256 and biggan128_G B=1 keep 2 MiB, 128 / 512 rows).
+TORCH_CHUNK_MIN_ROWS_ONE_THREAD = 128
 # Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
 # keeps for the backward instead of recomputing it chunk by chunk (fastattn/backends/torch_small.py).
 # Below it the naive layer's arithmetic as one node (fused softmax, fused softmax backward, no

@@ -4,7 +4,7 @@ Forward walks over chunks of queries, keeps a running (B, chunk, M) logits buffe
 each query's row max and row sum of the softmax. Backward recomputes the logits chunk by chunk
 with the forward's own arithmetic (`_logits`: same chunks, same bmm, same scale multiply, so the
 same bits) and the probabilities as exp(s - row max) / row sum, exactly the forward's. No N x M
-tensor is ever saved, and working memory is bounded by constants.TORCH_CHUNK_BYTES (chunk_bytes()), not by N.
+tensor is ever saved, and working memory is bounded by constants.TORCH_CHUNK_BYTES, not by N.
 
 Why not recompute from the lse, exp(s - lse): the lse carries a rounding of |lse| * 2^-24
 (relative), which lands in every probability. The naive softmax's largest term is exactly
@@ -30,17 +30,16 @@ from ..reference import accumulation_dtype
 __all__ = ["TorchChunkedBackend", "chunked_attention", "differentiable_grads"]
 
 
-def chunk_bytes() -> int:
-    """The logits buffer budget: TORCH_CHUNK_BYTES, or at most TORCH_CHUNK_BYTES_ONE_THREAD when
-    torch runs on one thread (one core's cache, measured; see constants.py)."""
-    if torch.get_num_threads() == 1:
-        return min(constants.TORCH_CHUNK_BYTES, constants.TORCH_CHUNK_BYTES_ONE_THREAD)
-    return constants.TORCH_CHUNK_BYTES
-
-
 def _rows_per_chunk(batch: int, n_keys: int, n_queries: int, acc: torch.dtype) -> int:
+    """Query rows per chunk: TORCH_CHUNK_BYTES of logits; on one torch thread at most
+    TORCH_CHUNK_BYTES_ONE_THREAD (one core's cache), but not below TORCH_CHUNK_MIN_ROWS_ONE_THREAD
+    rows, under which the per-chunk matmuls of large-batch sites get too small (see constants.py)."""
     per_row = max(1, batch * n_keys * torch.empty((), dtype=acc).element_size())
-    return max(1, min(n_queries, chunk_bytes() // per_row))
+    rows = constants.TORCH_CHUNK_BYTES // per_row
+    if torch.get_num_threads() == 1:
+        rows = min(rows, max(constants.TORCH_CHUNK_BYTES_ONE_THREAD // per_row,
+                             constants.TORCH_CHUNK_MIN_ROWS_ONE_THREAD))
+    return max(1, min(n_queries, rows))
 
 
 def _chunks(n_queries: int, rows: int):

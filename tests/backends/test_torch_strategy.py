@@ -149,16 +149,21 @@ def test_tiny_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kep
         assert spatial_attention(*small, backend="torch").dtype == torch.float32
 
 
-def test_chunk_budget_is_the_one_thread_budget_on_one_thread_and_never_above_the_general_one(monkeypatch):
-    from fastattn.backends.torch_chunked import chunk_bytes
+def test_one_thread_chunks_fit_the_one_thread_budget_but_keep_a_minimum_of_rows(monkeypatch):
+    from fastattn.backends.torch_chunked import _rows_per_chunk
 
+    f32 = torch.float32
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert chunk_bytes() == min(constants.TORCH_CHUNK_BYTES, constants.TORCH_CHUNK_BYTES_ONE_THREAD)
+        # biggan256_G128, B=1: 16 KiB rows, 2 MiB -> 128 rows; studiogan64_G B=119: 119 KiB rows -> 68
+        # rows (the minimum of 128 capped by the general 8 MiB budget)
+        assert _rows_per_chunk(1, 4096, 16384, f32) == constants.TORCH_CHUNK_BYTES_ONE_THREAD // (4096 * 4)
+        assert _rows_per_chunk(119, 256, 1024, f32) == min(constants.TORCH_CHUNK_BYTES // (119 * 256 * 4),
+                                                           constants.TORCH_CHUNK_MIN_ROWS_ONE_THREAD)
         monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 1024)  # tests that force many chunks still do
-        assert chunk_bytes() == 1024
+        assert _rows_per_chunk(1, 64, 1000, f32) == 4
         torch.set_num_threads(2)
-        assert chunk_bytes() == 1024
+        assert _rows_per_chunk(1, 64, 1000, f32) == 4
     finally:
         torch.set_num_threads(threads)
