@@ -56,6 +56,11 @@ def train_step_table(path: str) -> str:
     return "\n".join(lines)
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def table(path: str, direction: str = "fwd+bwd") -> str:
     data = json.loads(open(path).read())
     env = data["env"]
@@ -78,10 +83,11 @@ def table(path: str, direction: str = "fwd+bwd") -> str:
         naive, sdpa, ours = (by[p] for p in PROVIDERS)
         mem = "-"
         if naive.get("peak_bytes") and ours.get("peak_bytes") is not None:
-            mem = f"{ours['peak_bytes'] / naive['peak_bytes']:.2f}"
+            ratio = ours['peak_bytes'] / naive['peak_bytes']
+            mem = f"{ratio:.3f}" if ratio < 0.1 else f"{ratio:.2f}"
         lines.append(
-            f"| {site} | {B} | {N} | {M} | {d_qk} | {d_v} | {naive['median_s'] * 1e3:.3g} | {sdpa['median_s'] * 1e3:.3g} "
-            f"| {ours['median_s'] * 1e3:.3g} | {ours['median_s'] / naive['median_s']:.2f} "
+            f"| {site} | {B} | {N} | {M} | {d_qk} | {d_v} | {_ms(naive['median_s'])} | {_ms(sdpa['median_s'])} "
+            f"| {_ms(ours['median_s'])} | {ours['median_s'] / naive['median_s']:.2f} "
             f"| {(naive.get('peak_bytes') or 0) / 2**20:.1f} | {(ours.get('peak_bytes') or 0) / 2**20:.1f} | {mem} |"
         )
     return "\n".join(lines)
