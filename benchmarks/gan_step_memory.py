@@ -13,7 +13,9 @@ step (Adam allocates its state there), then resets the kernel's peak-RSS counter
 the timed steps (VmHWM), the RSS just before them, their difference (the step's own working
 memory) and the median step time. With --device cuda the peak is torch.cuda.max_memory_allocated
 over the timed steps instead. Results are printed side by side and written as JSON to
-benchmarks/results/gan_step_memory[_<tag>].json.
+benchmarks/results/gan_step_memory[_<tag>].json. The /proc readings are fastattn.bench.measure's
+(status_bytes, reset_peak_rss). For a whole G+D step, naive vs fastattn, interleaved, see
+`fastattn bench --preset train-step`.
 """
 from __future__ import annotations
 
@@ -31,24 +33,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("naive", "fastattn")
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(args) -> dict:
     import torch
 
+    from fastattn.bench.measure import reset_peak_rss, status_bytes
     from fastattn.models import Discriminator, Generator, hinge_loss_g
 
     torch.manual_seed(0)
@@ -80,13 +68,17 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak()
-        before = _status_kib("VmRSS") * 1024
+        try:
+            reset_peak_rss()
+            reset = True
+        except OSError:
+            reset = False
+        before = status_bytes("VmRSS")
     times = [step() for _ in range(args.steps)]
     if device.type == "cuda":
         peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
-        peak = _status_kib("VmHWM") * 1024
+        peak = status_bytes("VmHWM")
         method = "VmHWM after clear_refs reset" if reset else "VmHWM of the whole process (reset refused)"
     n = args.attn_res * args.attn_res
     m = n // 4 if args.pool else n

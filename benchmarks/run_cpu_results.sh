@@ -5,10 +5,12 @@
 #     benchmarks/run_cpu_results.sh                 # torch's default thread count
 #     THREADS=1 benchmarks/run_cpu_results.sh       # on a machine shared with other work
 #     PYTHON=.venv/bin/python benchmarks/run_cpu_results.sh
-#     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: stress gan quick pytest
+#     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: train stress gan quick pytest
 #     NOTE="quiet machine" benchmarks/run_cpu_results.sh  # a remark printed with the tables
 #
-# About 5 min (stress) + 10-15 min (gan) + 1 min (quick) on a quiet 2-core CPU.
+# About 4 min (train) + 5 min (stress) + 10-15 min (gan) + 1 min (quick) on a 2-core CPU.
+# `fastattn bench` uses 1 torch thread on a CPU unless THREADS says otherwise; it times the
+# providers of each case interleaved, and records the load average at the start of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -23,10 +25,14 @@ if [[ -n "${THREADS:-}" ]]; then
     BENCH_ARGS+=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
 fi
-STEPS=${STEPS:-stress gan quick pytest}
+STEPS=${STEPS:-train stress gan quick pytest}
 bench() { "$PY" -m fastattn bench --device cpu --no-progress "${BENCH_ARGS[@]}" "$@"; }
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
+# What a user gains in a whole training step (the README leads with it): G + D of the reference
+# GAN with attention at half resolution, naive layers vs fastattn, at 128 and 256 px.
+step train && bench --preset train-step --resolution 128,256 \
+    --json "$OUT/train-step.json" --markdown "$OUT/train-step.md" | tee "$OUT/train-step.txt"
 # Issue 2 targets: naive vs SDPA vs fastattn-torch, fp32, B=1, at the BigGAN-256 generator site
 # (N=16384, M=4096, d_qk=24, d_v=96) and the unpooled stress site (N=M=16384, d_qk=8, d_v=64).
 step stress && bench --preset stress --dtype float32 --provider naive,sdpa,fastattn-torch \

@@ -13,6 +13,29 @@ import torch
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
 # 8 MiB is fastest at both. Not measured on CUDA, where automatic choice takes the triton backend.
 TORCH_CHUNK_BYTES = 8 * 2**20
+# With one torch thread (fastattn bench's CPU default, and any job pinned to one core) the best
+# budget is smaller: one core's 2 MiB L2. Measured (benchmarks/tune_chunk.py's method, interleaved
+# with naive and SDPA in rounds: /tmp script on measure.time_interleaved; 1 thread, shared 2-core AMD
+# EPYC VM, load average 2-2.6, torch 2.13.0+cpu, 2026-12-02), fp32 fwd+bwd, fastattn / naive time:
+#                                     budget MiB:  1     2     4     8     (SDPA / naive)
+#   biggan128_G (4096x1024, d 24/96) B=1            0.51  0.54  0.57  0.61  (0.67)
+#   biggan128_G B=6                                 0.59  0.56  0.54  0.55  (0.77)
+#   biggan128_D (4096x1024, d 12/48) B=12           0.47  0.40  0.41  0.42  (0.78)
+#   biggan256_G128 (16384x4096, d 24/96) B=1        0.44  0.42  0.42  0.51  (0.73)
+# 2 MiB is best or within 0.03 of best at every one; at 2 threads 8 MiB stays (table above).
+TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
+# ... but never fewer query rows per chunk than this (still within TORCH_CHUNK_BYTES): with a large
+# batch a 2 MiB chunk is a few rows (studiogan64_G B=119, M=256: 17 rows) and the per-chunk
+# matmuls get too small. Found in the committed gan run (benchmarks/results/cpu/gan.json, 1 thread,
+# load average 1.0, 2026-12-02): with 2 MiB alone studiogan64_G B=119 fwd+bwd was 1.09x naive and
+# sagan128_G B=64 0.98x (SDPA 0.86x, 0.89x). Re-measured side by side (same method as the table
+# above, load average 0.8), fastattn / naive fwd+bwd, budget 2 / 8 / 32 MiB:
+#   studiogan64_G B=119 (1024x256, d 20/80): 1.16 / 0.73 / 0.71 (17 / 68 / 275 rows)
+#   sagan128_G B=64 (1024x256, d 32/128):    1.01 / 0.78 / 0.84 (32 / 128 / 512 rows)
+# 128 rows gives every point measured in both tables its best or near-best budget (biggan128_D
+# B=12: 128 rows = 6 MiB, 0.41-0.42; biggan256 and biggan128_G B=1 keep 2 MiB, 128 / 512 rows).
+TORCH_CHUNK_MIN_ROWS_ONE_THREAD = 128
+
 # Bytes per (B x chunk x M) buffer in the double backward (backends/chunked_grad.py), which holds
 # four such buffers. Same as TORCH_CHUNK_BYTES: at (B=4, d_qk=16, N=4096, M=1024, d_v=64), fp32
 # fwd+bwd+bwd2 (2-core EPYC dev VM, shared, load 5-7, 2 runs each): 1 MiB 2.8/3.5 s, 2 MiB 3.9/1.6 s,
@@ -38,6 +61,18 @@ DOUBLE_BACKWARD_CHUNK_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES = 64 * 2**10
 TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20
+# Largest (B, N, M) probability matrix (bytes) for which a forward that needs a graph (training,
+# no return_lse) runs torch's own autograd of bmm -> softmax -> bmm instead of the kept-
+# probabilities autograd.Function: both save only the probabilities, but the Function's Python
+# backward costs ~40-60 us per call, which is 15% of a CIFAR-sized call. Measured (1 thread,
+# shared 2-core AMD EPYC VM, load average 1.7-2.2, torch 2.13.0+cpu, 2026-12-02, /tmp script:
+# median of 300-1000 fwd+bwd calls, us), naive / Function / plain autograd:
+#   CIFAR G (256x64, d 48/192)  B=1 64 KiB: 370 / 406 / 369   B=2 128 KiB: 682 / 739 / 669
+#                               B=4 256 KiB: 1322 / 1332 / 1296   B=8 512 KiB: 2716 / 2707 / 2761
+#   CIFAR D (256x64, d 16/64)   B=1 64 KiB: 192 / 214 / 190   B=4 256 KiB: 569 / 558 / 575
+#   1024x256 d 8/32             B=1 1 MiB: 2179 / 1272 / 2057 (the Function's backward wins)
+# Plain autograd wins up to 128 KiB and loses or ties from 256 KiB.
+TORCH_PLAIN_AUTOGRAD_BYTES = 128 * 2**10
 
 # --- sdpa backend (PyTorch's fused CPU flash kernel, fastattn/backends/sdpa.py) -----------------
 # Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width up.

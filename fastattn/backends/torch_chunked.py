@@ -32,8 +32,15 @@ __all__ = ["TorchChunkedBackend", "chunked_attention"]
 
 
 def _rows_per_chunk(batch: int, n_keys: int, n_queries: int, acc: torch.dtype) -> int:
+    """Query rows per chunk: TORCH_CHUNK_BYTES of logits; on one torch thread at most
+    TORCH_CHUNK_BYTES_ONE_THREAD (one core's cache), but not below TORCH_CHUNK_MIN_ROWS_ONE_THREAD
+    rows, under which the per-chunk matmuls of large-batch sites get too small (see constants.py)."""
     per_row = max(1, batch * n_keys * torch.empty((), dtype=acc).element_size())
-    return max(1, min(n_queries, constants.TORCH_CHUNK_BYTES // per_row))
+    rows = constants.TORCH_CHUNK_BYTES // per_row
+    if torch.get_num_threads() == 1:
+        rows = min(rows, max(constants.TORCH_CHUNK_BYTES_ONE_THREAD // per_row,
+                             constants.TORCH_CHUNK_MIN_ROWS_ONE_THREAD))
+    return max(1, min(n_queries, rows))
 
 
 def _chunks(n_queries: int, rows: int):

@@ -20,7 +20,7 @@ from ..reference import accumulation_dtype
 from .chunked_grad import first_order_grads
 from .torch_chunked import TorchChunkedBackend, chunked_attention
 
-__all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out"]
+__all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out", "plain_autograd_out"]
 
 
 def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
@@ -37,8 +37,12 @@ def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtyp
             and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs ~1 us of dispatch
+
+
 def _logits(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
-    logits = torch.bmm(q.transpose(1, 2).to(acc), k.to(acc))
+    logits = torch.bmm(_to(q.transpose(1, 2), acc), _to(k, acc))
     if scale != 1.0:
         logits.mul_(scale)
     return logits
@@ -48,7 +52,25 @@ def kept_probs_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """out alone, no graph (inference forward without return_lse): three fused ops."""
     acc = accumulation_dtype(q.dtype)
     p = torch.softmax(_logits(q, k, scale, acc), dim=-1)
-    return torch.bmm(v.to(acc), p.transpose(1, 2)).to(q.dtype)
+    return _to(torch.bmm(_to(v, acc), p.transpose(1, 2)), q.dtype)
+
+
+def _autocast_may_be_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # an older torch, or a device type autocast does not know
+        return True
+
+
+def plain_autograd_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """out through torch's own autograd of bmm -> softmax -> bmm (inputs already in their
+    accumulation dtype, autocast off, which would lower them): what it saves for the backward is the same (the probabilities; the
+    logits are freed), and at tiny sizes (TORCH_PLAIN_AUTOGRAD_BYTES) its C++ backward beats the
+    Python autograd.Function's fixed cost."""
+    logits = torch.bmm(q.transpose(1, 2), k)
+    if scale != 1.0:
+        logits = logits * scale
+    return torch.bmm(v, torch.softmax(logits, dim=-1).transpose(1, 2))
 
 
 class _KeptProbsAttention(torch.autograd.Function):
@@ -131,5 +153,9 @@ class TorchBackend(TorchChunkedBackend):
         if not small:
             return chunked_attention(q, k, v, scale)[0]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            acc = accumulation_dtype(q.dtype)
+            if acc == q.dtype and q.shape[0] * q.shape[2] * k.shape[2] * q.element_size() \
+                    <= constants.TORCH_PLAIN_AUTOGRAD_BYTES and not _autocast_may_be_on(q.device.type):
+                return plain_autograd_out(q, k, v, scale)
             return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
         return kept_probs_out(q, k, v, scale)

@@ -9,6 +9,8 @@ import sys
 from ..argtypes import number_type
 from .presets import DIRECTIONS, DTYPE_ALIASES, DTYPES, PENALTY_DIRECTION, PRESETS
 
+TRAIN_STEP = "train-step"
+
 __all__ = ["main", "parse_args", "run"]
 
 
@@ -30,9 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark naive attention, SDPA and fastattn on the attention sites of GAN configs "
                     "(time, peak memory, time / naive time, accuracy against an fp64 reference). Without --json "
                     "and --markdown, writes both to a results file named on the last line.")
-    p.add_argument("--preset", default="default", choices=PRESETS,
+    p.add_argument("--preset", default="default", choices=(*PRESETS, TRAIN_STEP),
                    help="default: `gan` on CUDA, `quick` on CPU. quick: three small sites, B=1 (CI-sized). "
-                        "gan: every site, batch scaled to the device. stress: the high-resolution sites, B=1.")
+                        "gan: every site, batch scaled to the device. stress: the high-resolution sites, B=1. "
+                        "train-step: one whole G+D training step of the reference GAN (fastattn.models) with "
+                        "attention at half resolution, naive layers vs fastattn (--resolution, --ch, --batch)")
+    p.add_argument("--resolution", action="append", metavar="PX[,PX]",
+                   help="train-step: image resolutions, powers of two >= 16 (default 128,256)")
+    p.add_argument("--ch", type=POSITIVE_INT, default=None,
+                   help="train-step: the GAN's base width (default 16; BigGAN uses 96)")
     p.add_argument("--shape", action="append", metavar="ID[,ID]",
                    help="only these site ids from gan_shapes.json (may name sites outside the preset)")
     p.add_argument("--custom", metavar="N=..,M=..,d_qk=..,d_v=..[,B=..]",
@@ -104,6 +112,19 @@ def parse_args(argv: list[str]):
     for provider in args.provider or []:
         if provider not in ALL_PROVIDERS:
             parser.error(f"--provider must be one of {', '.join(ALL_PROVIDERS)}, got {provider!r}")
+    if args.preset == TRAIN_STEP:
+        for option, value in (("--shape", args.shape), ("--custom", args.custom), ("--dtype", args.dtype),
+                              ("--direction", args.direction), ("--provider", args.provider),
+                              ("--compare", args.compare), ("--plots", args.plots)):
+            if value:
+                parser.error(f"--preset {TRAIN_STEP} times a whole training step (naive layers vs fastattn, "
+                             f"fp32): {option} does not apply to it")
+        raw = _split(args.resolution) or []
+        if not all(r.isdigit() and int(r) >= 16 and not int(r) & (int(r) - 1) for r in raw):
+            parser.error(f"--resolution must be powers of two >= 16 (e.g. 128,256), got {','.join(raw)!r}")
+        args.resolution = [int(r) for r in raw] or None
+    elif args.resolution or args.ch:
+        parser.error(f"--resolution and --ch apply to --preset {TRAIN_STEP} only")
     if args.custom is not None:
         if args.shape:
             parser.error("--custom and --shape cannot be combined: --custom replaces the preset's sites")
@@ -161,44 +182,73 @@ def _record(case, provider: str, **fields) -> dict:
     return record
 
 
-def _run_provider(case, provider, inputs, reference, device, args, free_bytes) -> dict:
+def _error_record(case, provider: str, error: BaseException) -> dict:
+    import torch
+
+    from .providers import NotSupported
+
+    if isinstance(error, NotSupported):
+        return _record(case, provider, status="not supported", reason=str(error))
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return _record(case, provider, status="error", reason=f"out of memory: {str(error).splitlines()[0]}")
+    return _record(case, provider, status="error", reason=f"{type(error).__name__}: {error}")
+
+
+def _run_case(case, providers: list[str], inputs, reference, device, args, free_bytes) -> list[dict]:
+    """One record per provider. On a CPU the providers are timed interleaved, round by round
+    (measure.time_interleaved), so load from other work hits them alike; on CUDA one after
+    another. Then per provider: accuracy, and peak memory (CPU: each in a fresh process)."""
     import torch
 
     from . import measure
-    from .providers import NotSupported, make_provider, skip_reason
+    from .providers import make_provider, skip_reason
 
-    why = skip_reason(provider, case, device, free_bytes)
-    if why:
-        return _record(case, provider, status="not supported", reason=why)
-    try:
-        fn = make_provider(provider)
-        setup, call = measure.make_call(fn, case.direction, inputs, case.site.scale)
-        timing, first = measure.time_call(setup, call, device, args.min_time, args.min_repeats, args.repeats)
-    except NotSupported as error:
-        return _record(case, provider, status="not supported", reason=str(error))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-        return _record(case, provider, status="error", reason=f"out of memory: {str(error).splitlines()[0]}")
-    except Exception as error:
-        return _record(case, provider, status="error", reason=f"{type(error).__name__}: {error}")
-    record = _record(case, provider, median_s=timing.median_s, q25_s=timing.q25_s, q75_s=timing.q75_s,
-                     n_repeats=timing.n_repeats)
-    if reference is not None:
-        record.update(measure.accuracy(first, reference, case.direction, case.dtype))
-    del first
-    if not args.no_memory:
+    records: dict[str, dict] = {}
+    calls: dict[str, tuple] = {}
+    for provider in providers:
+        why = skip_reason(provider, case, device, free_bytes)
+        if why:
+            records[provider] = _record(case, provider, status="not supported", reason=why)
+            continue
+        try:
+            calls[provider] = measure.make_call(make_provider(provider), case.direction, inputs, case.site.scale)
+        except Exception as error:
+            records[provider] = _error_record(case, provider, error)
+    groups = [list(calls)] if device.type == "cpu" else [[p] for p in calls]
+    for group in groups:
+        outcomes = measure.time_interleaved({p: calls[p] for p in group}, device, args.min_time,
+                                            args.min_repeats, args.repeats)
+        for provider, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                records[provider] = _error_record(case, provider, outcome)
+                continue
+            timing, first = outcome
+            record = _record(case, provider, median_s=timing.median_s, q25_s=timing.q25_s, q75_s=timing.q75_s,
+                             n_repeats=timing.n_repeats)
+            if reference is not None:
+                record.update(measure.accuracy(first, reference, case.direction, case.dtype))
+            records[provider] = record
+        del outcomes
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for provider in calls:
+        record = records[provider]
+        if args.no_memory or record["status"] != "ok":
+            continue
         try:
             if device.type == "cuda":
-                record["peak_bytes"] = measure.peak_bytes_cuda(setup, call, device)
+                record["peak_bytes"] = measure.peak_bytes_cuda(*calls[provider], device)
             else:
                 record["peak_bytes"] = measure.peak_bytes_cpu(case.site, case.dtype, case.direction, provider,
                                                               args.seed, case.site.scale, threads=torch.get_num_threads())
         except Exception as error:
             record["memory_error"] = f"{type(error).__name__}: {error}"
-    return record
+    return [records[p] for p in providers]
 
 
-def run(args) -> tuple[dict, list[dict]]:
-    """Run every (case, provider); returns (env, records)."""
+def _prepare(args):
+    """The device, with threads, repeats and minimum time defaulted for it."""
     device = _device(args.device)
     if device.type == "cpu" and "fastattn-triton" in (args.provider or []):
         # Triton runs on CPU tensors only under its interpreter, set before triton is imported.
@@ -211,32 +261,47 @@ def run(args) -> tuple[dict, list[dict]]:
         args.threads = BENCH_CPU_THREADS
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import measure
-    from .presets import build_cases
-    from .providers import default_providers
-    from .report import environment
-
     if args.repeats is None:
         args.repeats = 100 if device.type == "cuda" else 10
     args.min_repeats = min(args.min_repeats, args.repeats)
     if args.min_time is None:
         args.min_time = 0.2 if device.type == "cuda" else 0.5
+    return device
+
+
+def _timing_text(args, device, what: str) -> str:
+    from ..constants import BENCH_MAX_TIME_FACTOR, BENCH_STABLE_SPREAD
+
+    return (("CUDA events, L2 flushed; " if device.type == "cuda" else "time.perf_counter; ") + what
+            + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s, more "
+            f"(up to {BENCH_MAX_TIME_FACTOR}x the time) while the spread (IQR / median) is over "
+            f"{BENCH_STABLE_SPREAD:.0%}; 1 warm-up")
+
+
+def run(args) -> tuple[dict, list[dict]]:
+    """Run every (case, provider); returns (env, records)."""
+    device = _prepare(args)
+    import torch
+
+    from . import measure
+    from .presets import build_cases
+    from .providers import default_providers
+    from .report import environment
+
     free_bytes = _free_bytes(device)
     cases, preset = build_cases(args.preset, device, free_bytes, args.shape, args.dtype, args.direction,
                                 args.batch, args.custom)
     providers = args.provider or default_providers(device)
     env = environment(device)
-    from ..constants import BENCH_MAX_TIME_FACTOR, BENCH_STABLE_SPREAD
     from .presets import over_cpu_work_cap
 
     left_out = (over_cpu_work_cap() if preset == "gan" and device.type == "cpu" and not args.shape
                 and args.custom is None else [])
     env.update(preset=preset, providers=providers, seed=args.seed, left_out=left_out,
                free_memory_bytes_at_start=free_bytes,
-               timing=("CUDA events, L2 flushed" if device.type == "cuda" else "time.perf_counter")
-               + f"; median of {args.min_repeats}-{args.repeats} repeats, at least {args.min_time} s, more "
-               f"(up to {BENCH_MAX_TIME_FACTOR}x the time) while the spread (IQR / median) is over "
-               f"{BENCH_STABLE_SPREAD:.0%}; 1 warm-up",
+               timing=_timing_text(args, device, "providers one after another" if device.type == "cuda" else
+                                   "providers interleaved, one repeat each per round (naive, sdpa, fastattn, "
+                                   "naive, ...), the same number of rounds for all"),
                memory_method=None if args.no_memory else (
                    "torch.cuda.max_memory_allocated beyond the inputs" if device.type == "cuda"
                    else "VmHWM - VmRSS in a fresh forked process, after a warm-up run"))
@@ -263,15 +328,14 @@ def run(args) -> tuple[dict, list[dict]]:
                 if any(c.direction == PENALTY_DIRECTION for c in cases if (c.site, c.dtype) == key):
                     reference_cache[key] += (measure.reference_penalty_grads(inputs, case.site.scale),)
             reference = reference_cache[key]
-        for provider in providers:
-            if bar is not None:
-                bar.set_description(f"{case.site.id} {case.dtype} {case.direction} {provider}")
-            records.append(_run_provider(case, provider, inputs, reference, device, args, free_bytes))
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if bar is not None:
-                bar.update()
+        if bar is not None:
+            bar.set_description(f"{case.site.id} {case.dtype} {case.direction}")
+        records.extend(_run_case(case, providers, inputs, reference, device, args, free_bytes))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if bar is not None:
+            bar.update(len(providers))
         del inputs, reference
     if bar is not None:
         bar.close()
@@ -306,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.preset == TRAIN_STEP or (args.from_json and args.loaded["env"].get("preset") == TRAIN_STEP):
+        return _train_step_main(args)
     if args.from_json:
         env, records = args.loaded["env"], args.loaded["records"]
     else:
@@ -358,6 +424,64 @@ def main(argv: list[str] | None = None) -> int:
     if default_results:
         print(f"results: {args.json} and {args.markdown} ({report.machine_line(env)})")
     return status
+
+
+def _train_step_main(args) -> int:
+    """`--preset train-step` (or --from-json of its results): run, print, write."""
+    from . import report, train_step
+
+    if args.from_json:
+        env, records = args.loaded["env"], args.loaded["records"]
+    else:
+        device = _prepare(args)
+        settings = [train_step.StepSetting(r, ch=args.ch or train_step.DEFAULT_CH,
+                                           batch=args.batch or train_step.DEFAULT_BATCH, seed=args.seed)
+                    for r in args.resolution or train_step.DEFAULT_RESOLUTIONS]
+        env = report.environment(device)
+        env.update(preset=TRAIN_STEP, providers=list(train_step.VARIANTS), seed=args.seed,
+                   setting="fastattn.models Generator + Discriminator, unconditional, attention in both at "
+                           "resolution / 2 (2x2-pooled keys/values, d_qk = C/8, d_v = C/2, gamma 0.5), "
+                           "GANTrainer.train_step (1 D hinge update + 1 G update, Adam), fp32",
+                   timing=_timing_text(args, device, "naive and fastattn steps interleaved (naive, fastattn, "
+                                       "naive, ...), the same number of rounds for both"),
+                   memory_method=None if args.no_memory else (
+                       "torch.cuda.max_memory_allocated over one step beyond what is allocated before it"
+                       if device.type == "cuda" else "VmHWM - VmRSS over one step in a fresh forked process, "
+                       "after a warm-up step (the step's own working memory; resident_before_bytes: what "
+                       "was resident before it)"))
+        if args.list:
+            for setting in settings:
+                n, m = setting.attention_sizes()
+                print(f"train step {setting.resolution} px, attention at {setting.attn_resolution}x"
+                      f"{setting.attn_resolution} (N={n}, M={m}), B={setting.batch}, ch={setting.ch}: "
+                      + ", ".join(train_step.VARIANTS))
+            return 0
+        records = train_step.run(settings, device, args)
+    if args.note:
+        env["note"] = args.note
+    train_step.add_derived(records)
+    table = train_step.markdown_table(records)
+    print(f"fastattn bench, preset {TRAIN_STEP}: {report.machine_line(env)}")
+    print(f"  {env['setting']}\n  timing: {env['timing']}\n  memory: {env['memory_method']}")
+    print(table)
+    default_results = not (args.json or args.markdown or args.from_json)
+    if default_results:
+        args.json, args.markdown = _default_results_paths(env)
+    if args.json:
+        report.write_json(args.json, env, records)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(
+            f"Machine: {report.machine_line(env)}; {env['date']}, fastattn {env['fastattn']} "
+            f"({env.get('git_commit')}), preset {TRAIN_STEP}."
+            + (f" Note: {env['note']}." if env.get("note") else "") + f"\n\n{env['setting']}.\n\n" + table + "\n")
+        print(f"wrote {args.markdown}")
+    if default_results:
+        print(f"results: {args.json} and {args.markdown} ({report.machine_line(env)})")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
 def _default_results_paths(env: dict) -> tuple[str, str]:

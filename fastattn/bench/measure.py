@@ -38,8 +38,9 @@ from ..reference import reference_attention
 from ..accuracy import max_abs_error
 from .presets import DTYPES, PENALTY_DIRECTION, Case, Site
 
-__all__ = ["Timing", "spread", "is_unstable", "CaseInputs", "make_inputs", "make_call", "time_call", "reference_results",
-           "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "peak_bytes_cpu_in_process", "cpu_noise_floor"]
+__all__ = ["Timing", "spread", "is_unstable", "CaseInputs", "make_inputs", "make_call", "time_call", "time_interleaved", "reference_results",
+           "accuracy", "peak_bytes_cuda", "peak_bytes_cpu", "peak_bytes_cpu_fresh", "peak_bytes_cpu_in_process",
+           "attention_case_call", "status_bytes", "reset_peak_rss", "cpu_noise_floor"]
 
 # Bytes of fp64 logits per query chunk of the reference (chunking keeps its memory bounded;
 # rows are independent, so chunking over queries changes no result).
@@ -157,50 +158,96 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(setup, call, device: torch.device, min_time_s: float, min_repeats: int, max_repeats: int,
-              warmup: int = 1):
-    """Timing of `call` and the result of the first warm-up call (used for the accuracy check).
+def _needs_more(times: list[float], spent: float, min_time_s: float, min_repeats: int) -> bool:
+    """Whether one provider's repeats are not yet enough: under min_repeats or min_time_s, or
+    still unstable (spread over BENCH_STABLE_SPREAD) within BENCH_MAX_TIME_FACTOR x min_time_s."""
+    if len(times) < min_repeats or spent < min_time_s:
+        return True
+    if spent >= BENCH_MAX_TIME_FACTOR * min_time_s:
+        return False
+    q25, median, q75 = _quartiles(times)
+    return is_unstable(spread(q25, median, q75))
 
-    Repeats until min_repeats and min_time_s are reached AND the spread (IQR / median) is at most
-    BENCH_STABLE_SPREAD; while it is not, keeps going up to max_repeats and
-    BENCH_MAX_TIME_FACTOR x min_time_s. What is left above the target is reported as unstable."""
-    first = None
+
+def _timed_repeat(setup, call, device: torch.device, flush, clock) -> float:
+    arg = setup()
+    if device.type == "cuda":
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = call(arg)
+        end.record()
+        end.synchronize()
+        elapsed = start.elapsed_time(end) / 1e3
+    else:
+        t0 = clock()
+        result = call(arg)
+        elapsed = clock() - t0
+    del result, arg
+    return elapsed
+
+
+def time_interleaved(calls: dict, device: torch.device, min_time_s: float, min_repeats: int, max_repeats: int,
+                     warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time several (setup, call) pairs of one case in alternating rounds: warm-up rounds, then
+    timed rounds in which every pair runs once, in the order given (naive, sdpa, fastattn, naive,
+    sdpa, fastattn, ...), so that a change in the machine's load hits every provider alike.
+
+    Every pair runs the same number of rounds: rounds go on while any pair still needs more (under
+    min_repeats or min_time_s of its own time, or its spread over BENCH_STABLE_SPREAD while it has
+    spent less than BENCH_MAX_TIME_FACTOR x min_time_s), up to max_repeats rounds. A pair that
+    raises leaves the rotation; the others go on.
+
+    Returns {name: (Timing, result of its first warm-up call)} or {name: the exception it raised}."""
+    results: dict = {}
+    firsts: dict = {}
+    active = list(calls)
+
+    def attempt(name, run):
+        try:
+            return run()
+        except BaseException as error:  # KeyboardInterrupt / SystemExit go on up
+            if not isinstance(error, Exception):
+                raise
+            results[name] = error
+            active.remove(name)
+            firsts.pop(name, None)
+            return None
+
     for i in range(max(1, warmup)):
-        result = call(setup())
-        if i == 0:
-            first = result
-        del result
+        for name in list(active):
+            setup, call = calls[name]
+            result = attempt(name, lambda: call(setup()))
+            if i == 0 and name in active:
+                firsts[name] = result
+            del result
     _sync(device)
     flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
-    times: list[float] = []
-    spent = 0.0
-    def more() -> bool:
-        if len(times) < min_repeats or spent < min_time_s:
-            return True
-        if spent >= BENCH_MAX_TIME_FACTOR * min_time_s:
-            return False
-        q25, median, q75 = _quartiles(times)
-        return is_unstable(spread(q25, median, q75))
+    times: dict[str, list[float]] = {name: [] for name in active}
+    spent = dict.fromkeys(active, 0.0)
+    rounds = 0
+    while active and rounds < max_repeats and any(
+            _needs_more(times[n], spent[n], min_time_s, min_repeats) for n in active):
+        for name in list(active):
+            elapsed = attempt(name, lambda: _timed_repeat(*calls[name], device, flush, clock))
+            if name in active:
+                times[name].append(elapsed)
+                spent[name] += elapsed
+        rounds += 1
+    for name in active:
+        q25, median, q75 = _quartiles(times[name])
+        results[name] = (Timing(median, q25, q75, len(times[name]), times[name]), firsts[name])
+    return {name: results[name] for name in calls}
 
-    while len(times) < max_repeats and more():
-        arg = setup()
-        if device.type == "cuda":
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = call(arg)
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            result = call(arg)
-            elapsed = time.perf_counter() - t0
-        del result, arg
-        times.append(elapsed)
-        spent += elapsed
-    q25, median, q75 = _quartiles(times)
-    return Timing(median, q25, q75, len(times), times), first
+
+def time_call(setup, call, device: torch.device, min_time_s: float, min_repeats: int, max_repeats: int,
+              warmup: int = 1):
+    """Timing of `call` and the result of the first warm-up call (used for the accuracy check):
+    time_interleaved with one pair; an exception from `call` is raised."""
+    outcome = time_interleaved({"call": (setup, call)}, device, min_time_s, min_repeats, max_repeats, warmup)["call"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def reference_results(x: CaseInputs, scale: float, need_grads: bool):
@@ -266,12 +313,19 @@ def peak_bytes_cuda(setup, call, device: torch.device) -> int:
 
 # --- CPU: one fresh forked process per measurement ------------------------------------------
 
-def _status_bytes(key: str) -> int:
+def status_bytes(key: str) -> int:
+    """A byte figure from /proc/self/status (VmRSS, VmHWM, ...); Linux only."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {key} line")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux; raises OSError where refused)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
 
 
 def _release_heap() -> None:
@@ -282,8 +336,23 @@ def _release_heap() -> None:
         pass
 
 
-def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
-               threads: int) -> None:
+def _peak_of(setup, call) -> tuple[int, int]:
+    """Release freed heap, reset the high-water mark, run call(setup()) once:
+    (VmHWM - VmRSS, VmRSS before the call)."""
+    _release_heap()
+    arg = setup()
+    _release_heap()
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
+    result = call(arg)
+    peak = status_bytes("VmHWM") - base
+    del result, arg
+    return peak, base
+
+
+def _cpu_child(conn, factory, factory_args: tuple, threads: int) -> None:
+    """In the fresh process: (setup, call) = factory(*factory_args); one warm-up run, then the peak
+    of one more run (see the module docstring)."""
     try:
         torch.set_num_threads(threads)
         try:
@@ -292,15 +361,10 @@ def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed
             libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: return freed heap top to the OS
         except OSError:
             pass
-        from .providers import make_provider
-
-        fn = make_provider(provider)
-        x = make_inputs(site, dtype, torch.device("cpu"), seed)
-        setup, call = make_call(fn, direction, x, scale)
-        result = call(setup())  # warm-up (lazy initialisation, compilation)
+        setup, call = factory(*factory_args)
+        result = call(setup())  # warm-up (lazy initialisation, compilation, optimizer state)
         del result
-        _release_heap()
-        conn.send(("ok", peak_bytes_cpu_in_process(setup, call)))
+        conn.send(("ok", _peak_of(setup, call)))  # (peak growth, resident before)
     except BaseException as error:  # reported to the parent, which records it
         conn.send(("error", f"{type(error).__name__}: {error}"))
     finally:
@@ -310,15 +374,7 @@ def _cpu_child(conn, site: Site, dtype: str, direction: str, provider: str, seed
 def peak_bytes_cpu_in_process(setup, call) -> int:
     """Peak resident memory growth of `call(setup())` in this process (Linux /proc only; raises
     OSError elsewhere). See the module docstring for how it differs from peak_bytes_cpu."""
-    arg = setup()
-    _release_heap()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset VmHWM to the current RSS
-    base = _status_bytes("VmRSS")
-    result = call(arg)
-    peak = _status_bytes("VmHWM") - base
-    del result, arg
-    return max(0, int(peak))
+    return max(0, int(_peak_of(setup, call)[0]))
 
 
 _CONTEXT = None
@@ -332,13 +388,16 @@ def _context():
     return _CONTEXT
 
 
-def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
-                   threads: int | None = None, timeout_s: float = 1800.0) -> int:
-    """Peak resident memory growth of one run in a fresh process; raises RuntimeError on failure."""
+def peak_bytes_cpu_fresh(factory, factory_args: tuple, threads: int | None = None,
+                         timeout_s: float = 1800.0, with_resident: bool = False):
+    """Peak resident memory growth of one run of `factory(*factory_args)`'s (setup, call) in a
+    fresh process (the module docstring's CPU method); with_resident: (growth, resident set size
+    just before the run). `factory` is a module-level function (it is sent to the process by
+    name). Raises RuntimeError on failure."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_cpu_child, args=(child, site, dtype, direction, provider, seed, scale,
-                                                             threads or torch.get_num_threads()))
+    process = ctx.Process(target=_cpu_child, args=(child, factory, factory_args,
+                                                   threads or torch.get_num_threads()))
     process.start()
     child.close()
     try:
@@ -355,7 +414,23 @@ def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: 
             process.kill()
     if status != "ok":
         raise RuntimeError(value)
-    return int(value)
+    peak, resident = int(value[0]), int(value[1])
+    return (peak, resident) if with_resident else peak
+
+
+def attention_case_call(site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float):
+    """(setup, call) of one provider on one case, built from scratch (peak_bytes_cpu's factory)."""
+    from .providers import make_provider
+
+    x = make_inputs(site, dtype, torch.device("cpu"), seed)
+    return make_call(make_provider(provider), direction, x, scale)
+
+
+def peak_bytes_cpu(site: Site, dtype: str, direction: str, provider: str, seed: int, scale: float,
+                   threads: int | None = None, timeout_s: float = 1800.0) -> int:
+    """Peak resident memory growth of one run in a fresh process; raises RuntimeError on failure."""
+    return peak_bytes_cpu_fresh(attention_case_call, (site, dtype, direction, provider, seed, scale),
+                                threads, timeout_s)
 
 
 def cpu_noise_floor(repeats: int = 5, threads: int | None = None) -> int:

@@ -134,3 +134,36 @@ def test_automatic_choice_takes_sdpa_only_for_wide_equal_heads_and_a_forced_back
     assert select_backend(*gan, backend="torch") is get_backend("torch")
     with pytest.raises(BackendUnavailableError):
         select_backend(*gan, backend="sdpa")
+
+
+def test_tiny_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kept_function():
+    # (2, 37, 23) fp32 probabilities: 6.8 KiB, under TORCH_PLAIN_AUTOGRAD_BYTES
+    small = [t.requires_grad_() for t in _make(2, 10, 37, 23, 30, torch.float32)[:3]]
+    assert type(spatial_attention(*small, backend="torch").grad_fn).__name__ == "BmmBackward0"
+    _check_rule(lambda q, k, v, s: spatial_attention(q, k, v, scale=s, backend="torch"), SHAPES[1], torch.float32)
+    side = int((constants.TORCH_PLAIN_AUTOGRAD_BYTES // 4) ** 0.5) + 1
+    large = [t.requires_grad_() for t in _make(1, 4, side, side, 4, torch.float32)[:3]]
+    assert "Backward" in type(spatial_attention(*large, backend="torch").grad_fn).__name__
+    assert type(spatial_attention(*large, backend="torch").grad_fn).__name__ != "BmmBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would lower torch's own bmm
+        assert spatial_attention(*small, backend="torch").dtype == torch.float32
+
+
+def test_one_thread_chunks_fit_the_one_thread_budget_but_keep_a_minimum_of_rows(monkeypatch):
+    from fastattn.backends.torch_chunked import _rows_per_chunk
+
+    f32 = torch.float32
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        # biggan256_G128, B=1: 16 KiB rows, 2 MiB -> 128 rows; studiogan64_G B=119: 119 KiB rows -> 68
+        # rows (the minimum of 128 capped by the general 8 MiB budget)
+        assert _rows_per_chunk(1, 4096, 16384, f32) == constants.TORCH_CHUNK_BYTES_ONE_THREAD // (4096 * 4)
+        assert _rows_per_chunk(119, 256, 1024, f32) == min(constants.TORCH_CHUNK_BYTES // (119 * 256 * 4),
+                                                           constants.TORCH_CHUNK_MIN_ROWS_ONE_THREAD)
+        monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 1024)  # tests that force many chunks still do
+        assert _rows_per_chunk(1, 64, 1000, f32) == 4
+        torch.set_num_threads(2)
+        assert _rows_per_chunk(1, 64, 1000, f32) == 4
+    finally:
+        torch.set_num_threads(threads)

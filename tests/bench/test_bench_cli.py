@@ -84,7 +84,8 @@ def _slowed(data: dict, providers: tuple[str, ...], factor: float) -> dict:
     return old
 
 
-def test_compare_flags_every_injected_slowdown_and_fail_on_regression_exits_1(tmp_path, capsys):
+def test_compare_flags_every_injected_slowdown_and_fail_on_regression_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run without --json writes its default results file here
     new = tmp_path / "new.json"
     assert main(TINY + ["--direction", "fwd", "--provider", "naive,fastattn-torch", "--no-memory",
                         "--no-check", "--json", str(new)]) == 0
@@ -146,6 +147,9 @@ def test_compare_fails_when_nothing_was_timed_in_both_runs():
     (["--compare", "/nonexistent/old.json"], "--compare: cannot read /nonexistent/old.json"),
     (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--preset", "train-step", "--provider", "sdpa"], "--provider does not apply to it"),
+    (["--preset", "train-step", "--resolution", "100"], "--resolution must be powers of two >= 16"),
+    (["--resolution", "128"], "--resolution and --ch apply to --preset train-step only"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument_and_what_was_expected(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

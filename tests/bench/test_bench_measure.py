@@ -1,4 +1,5 @@
 """The measurements behind `fastattn bench`: presets, FLOP counts, peak memory, accuracy."""
+import pytest
 import torch
 
 from fastattn import reference_attention
@@ -99,3 +100,68 @@ def test_penalty_direction_counts_the_second_backward_and_checks_second_order_gr
     out, grads = first_order_only[1](None)
     wrong = measure.accuracy((out, grads), reference, PENALTY_DIRECTION, "float32")
     assert not wrong["grad_within_tol"]  # first-order grads are not the penalty's
+
+
+class _FakeProviders:
+    """Providers that log their calls and advance a fake clock by a set duration per call."""
+
+    def __init__(self, durations: dict, fail_on_call: dict | None = None):
+        self.now, self.log, self.durations = 0.0, [], durations
+        self.fail_on_call, self.count = fail_on_call or {}, dict.fromkeys(durations, 0)
+
+    def clock(self) -> float:
+        return self.now
+
+    def pair(self, name: str):
+        def call(_):
+            self.count[name] += 1
+            if self.count[name] == self.fail_on_call.get(name):
+                raise RuntimeError(f"{name} failed")
+            self.log.append(name)
+            self.now += self.durations[name]
+            return name
+        return (lambda: None), call
+
+    def calls(self) -> dict:
+        return {name: self.pair(name) for name in self.durations}
+
+
+def test_interleaved_timing_runs_providers_round_robin_and_gives_each_the_same_rounds():
+    fake = _FakeProviders({"naive": 2**-4, "sdpa": 2**-6, "fastattn": 2**-7})
+    out = measure.time_interleaved(fake.calls(), torch.device("cpu"), min_time_s=2**-3, min_repeats=3,
+                                   max_repeats=20, clock=fake.clock)
+    # one warm-up round, then timed rounds in the order given, until every provider has min_repeats
+    # and min_time_s of its own time: fastattn needs 16 rounds of 1/128 s, and so all run 16
+    assert fake.log == ["naive", "sdpa", "fastattn"] * 17
+    assert [out[n][0].n_repeats for n in ("naive", "sdpa", "fastattn")] == [16, 16, 16]
+    assert out["naive"][0].median_s == 2**-4 and out["fastattn"][0].median_s == 2**-7
+    assert out["sdpa"][1] == "sdpa"  # the first warm-up call's result, for the accuracy check
+
+
+def test_interleaved_timing_drops_a_failing_provider_and_keeps_timing_the_others():
+    fake = _FakeProviders({"naive": 0.01, "sdpa": 0.01, "fastattn": 0.01}, fail_on_call={"sdpa": 3})
+    out = measure.time_interleaved(fake.calls(), torch.device("cpu"), min_time_s=0.0, min_repeats=4,
+                                   max_repeats=4, clock=fake.clock)
+    assert fake.log == ["naive", "sdpa", "fastattn", "naive", "sdpa", "fastattn", "naive", "fastattn",
+                        "naive", "fastattn", "naive", "fastattn"]
+    assert isinstance(out["sdpa"], RuntimeError) and list(out) == ["naive", "sdpa", "fastattn"]
+    assert out["naive"][0].n_repeats == out["fastattn"][0].n_repeats == 4
+
+
+def test_load_that_changes_during_a_run_hits_interleaved_providers_alike():
+    # the machine slows 3x halfway through: timed one after another, naive would see only the
+    # fast half and fastattn only the slow half; interleaved, the ratio of medians stays 0.5
+    fake = _FakeProviders({"naive": 0.02, "fastattn": 0.01})
+    base = dict(fake.durations)
+    pairs = fake.calls()
+
+    def slowing(name):
+        setup, call = pairs[name]
+
+        def slowed(arg):
+            fake.durations[name] = base[name] * (3 if len(fake.log) >= 10 else 1)
+            return call(arg)
+        return setup, slowed
+    out = measure.time_interleaved({n: slowing(n) for n in pairs}, torch.device("cpu"), min_time_s=0.0,
+                                   min_repeats=9, max_repeats=9, clock=fake.clock)
+    assert out["fastattn"][0].median_s / out["naive"][0].median_s == pytest.approx(0.5)
