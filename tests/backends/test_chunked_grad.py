@@ -51,6 +51,14 @@ def penalty_grads(fn, q, k, v, on=(True, True, True), weight=None):
 AWKWARD = [(2, 3, 7, 5, 6), (1, 1, 9, 4, 3), (2, 10, 5, 3, 5)]
 
 
+@pytest.fixture(autouse=True)
+def _no_plain_autograd(monkeypatch):
+    """Tiny training calls (TORCH_PLAIN_AUTOGRAD_BYTES) run through torch's own autograd, whose
+    graph is as small as they are; this module's tiny shapes stand for the larger calls that take
+    FirstOrderGrads, so that shortcut is off here."""
+    monkeypatch.setattr(constants, "TORCH_PLAIN_AUTOGRAD_BYTES", 0)
+
+
 @pytest.mark.parametrize("shape", AWKWARD, ids=lambda s: "B{}_dqk{}_N{}_M{}_dv{}".format(*s))
 def test_gradgradcheck_fp64_torch_backend_over_several_chunks(shape, monkeypatch):
     small_chunks(monkeypatch, 2 * shape[0] * shape[3] * 8)  # 2 rows a chunk
