@@ -1,5 +1,8 @@
 """A swapped model under DistributedDataParallel: two CPU processes (gloo), each with half the
 batch, give the same gradients as one process running the unswapped model on the full batch."""
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -31,6 +34,16 @@ def _loss(gen, disc, z, y):
 
 
 def _worker(rank, init_file, out_file):
+    """Run one rank, then leave with os._exit: at interpreter exit, gloo's C++ threads were
+    seen to abort a finished rank now and then ("terminate called without an active
+    exception", SIGABRT), failing a test whose work was done. A failure is re-raised, so it
+    still reaches mp.spawn with its traceback."""
+    _rank_body(rank, init_file, out_file)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
+
+
+def _rank_body(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
