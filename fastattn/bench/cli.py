@@ -386,22 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_derived(records, env)
     _print_header(env, records)
     print(report.markdown_table(records, env))
-    default_results = not (args.json or args.markdown or args.from_json)
-    if default_results:
-        args.json, args.markdown = _default_results_paths(env)
-    if args.json:
-        report.write_json(args.json, env, records)
-        print(f"wrote {args.json}")
-    if args.markdown:
-        from pathlib import Path
-
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(
-            f"Machine: {report.machine_line(env)}; {env['date']}, fastattn {env['fastattn']} "
-            f"({env.get('git_commit')}), preset {env['preset']}."
-            + (f" Note: {env['note']}." if env.get("note") else "") + "\n\n"
-            + report.markdown_table(records, env, compact=True) + "\n")
-        print(f"wrote {args.markdown}")
+    default_results = _write_results(args, env, records, env["preset"],
+                                      report.markdown_table(records, env, compact=True))
     if args.plots:
         from .plots import write_plots
 
@@ -464,6 +450,17 @@ def _train_step_main(args) -> int:
     print(f"fastattn bench, preset {TRAIN_STEP}: {report.machine_line(env)}")
     print(f"  {env['setting']}\n  timing: {env['timing']}\n  memory: {env['memory_method']}")
     print(table)
+    default_results = _write_results(args, env, records, TRAIN_STEP, f"{env['setting']}.\n\n{table}")
+    if default_results:
+        print(f"results: {args.json} and {args.markdown} ({report.machine_line(env)})")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def _write_results(args, env: dict, records: list, preset: str, body: str) -> bool:
+    """Write --json and --markdown (a header naming the machine, then `body`); with neither
+    given (and no --from-json), both go to the default results files. Returns whether they did."""
+    from . import report
+
     default_results = not (args.json or args.markdown or args.from_json)
     if default_results:
         args.json, args.markdown = _default_results_paths(env)
@@ -476,12 +473,10 @@ def _train_step_main(args) -> int:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(
             f"Machine: {report.machine_line(env)}; {env['date']}, fastattn {env['fastattn']} "
-            f"({env.get('git_commit')}), preset {TRAIN_STEP}."
-            + (f" Note: {env['note']}." if env.get("note") else "") + f"\n\n{env['setting']}.\n\n" + table + "\n")
+            f"({env.get('git_commit')}), preset {preset}."
+            + (f" Note: {env['note']}." if env.get("note") else "") + f"\n\n{body}\n")
         print(f"wrote {args.markdown}")
-    if default_results:
-        print(f"results: {args.json} and {args.markdown} ({report.machine_line(env)})")
-    return 0 if all(r["status"] == "ok" for r in records) else 1
+    return default_results
 
 
 def _default_results_paths(env: dict) -> tuple[str, str]:
