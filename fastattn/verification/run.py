@@ -34,8 +34,7 @@ from ..constants import (ERROR_FLOOR, ERROR_RATIO_GRAD, ERROR_RATIO_OUT, VERIFY_
                          VERIFY_MIN_TIME_S, VERIFY_SEED)
 from ..dispatch import check_backend_name
 from ..nn import SelfAttention2d
-from ..swap import swap_attention
-from ..swap.forward import STATE, uninstall_forward
+from ..swap import swap_attention, unswap
 from ..swap.probe import _deepcopy_detached
 from .report import Check, LayerReport, TimingRow, VerifyReport
 
@@ -113,9 +112,8 @@ def _prepare(model: nn.Module, backend: str | None, probe: bool):
     with warnings.catch_warnings():  # the layers it leaves alone are in the report
         warnings.simplefilter("ignore", UserWarning)
         handle = swap_attention(swapped, verify=probe, **kwargs)
-    for module in original.modules():  # the original: the model's own math everywhere
-        if STATE in module.__dict__:
-            uninstall_forward(module, module.__dict__[STATE])
+    unswap(original)  # the original: the model's own math everywhere
+    for module in original.modules():
         if isinstance(module, SelfAttention2d) and module.attention == "fastattn":
             module.attention, module.backend = "naive", None
     layers = []
