@@ -24,17 +24,25 @@ TORCH_CHUNK_BYTES = 8 * 2**20
 #   biggan256_G128 (16384x4096, d 24/96) B=1        0.44  0.42  0.42  0.51  (0.73)
 # 2 MiB is best or within 0.03 of best at every one; at 2 threads 8 MiB stays (table above).
 TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
-# ... but never fewer query rows per chunk than this (still within TORCH_CHUNK_BYTES): with a large
-# batch a 2 MiB chunk is a few rows (studiogan64_G B=119, M=256: 17 rows) and the per-chunk
-# matmuls get too small. Found in the committed gan run (benchmarks/results/cpu/gan.json, 1 thread,
-# load average 1.0, 2026-12-02): with 2 MiB alone studiogan64_G B=119 fwd+bwd was 1.09x naive and
-# sagan128_G B=64 0.98x (SDPA 0.86x, 0.89x). Re-measured side by side (same method as the table
-# above, load average 0.8), fastattn / naive fwd+bwd, budget 2 / 8 / 32 MiB:
-#   studiogan64_G B=119 (1024x256, d 20/80): 1.16 / 0.73 / 0.71 (17 / 68 / 275 rows)
-#   sagan128_G B=64 (1024x256, d 32/128):    1.01 / 0.78 / 0.84 (32 / 128 / 512 rows)
-# 128 rows gives every point measured in both tables its best or near-best budget (biggan128_D
-# B=12: 128 rows = 6 MiB, 0.41-0.42; biggan256 and biggan128_G B=1 keep 2 MiB, 128 / 512 rows).
-TORCH_CHUNK_MIN_ROWS_ONE_THREAD = 128
+# ... and a block never has fewer query rows than this when it can have them: with a large batch,
+# all samples times a few rows (studiogan64_G B=119, M=256: 17 rows in 2 MiB) makes each matmul too
+# small, so a block then takes this many rows of fewer samples (backends/torch_chunked.block_shape;
+# a budget smaller than one sample's TORCH_CHUNK_MIN_ROWS rows still gives fewer rows, so tests can
+# force many blocks). Measured side by side (1 thread, interleaved rounds, medians of 5-7; shared
+# 2-core AMD EPYC VM, load average about 1, torch 2.13.0+cpu, 2026-12-02; /tmp script of the kind
+# of benchmarks/tune_strategy.py), fastattn / naive time, fwd and fwd+bwd, for the previous chunking
+# (all samples x rows, min 128 rows, exp(s - m) / l from saved row statistics) -> blocks of
+# (samples x 128+ rows) with a fused softmax recomputed in the backward (this design), 2 MiB:
+#   biggan128_G B=6 (4096x1024, d 24/96)    0.57 -> 0.48,  0.52 -> 0.45
+#   sagan64_unpooled_G B=8 (1024x1024, 8/64) 0.54 -> 0.41,  0.49 -> 0.38
+#   sagan64_unpooled_G B=42                 0.61 -> 0.42,  0.58 -> 0.45
+#   studiogan64_G B=119 (1024x256, 20/80)   0.85 -> 0.54,  0.75 -> 0.53
+#   sagan128_G B=64 (1024x256, 32/128)      0.80 -> 0.65,  0.80 -> 0.76
+#   biggandeep256 B=2 (4096x1024, 64/256)   0.75 -> 0.71,  0.71 -> 0.66
+#   biggan256_G128 B=1 (16384x4096, 24/96)  0.58 -> 0.54,  0.47 -> 0.46
+# Minimum rows 32 instead of 128: 0.02-0.25 worse at every point; budgets 1 and 4 MiB: within the
+# spread of 2 MiB at the pooled sites, 4 MiB worse at studiogan64_G and sagan128_G (0.62-0.79).
+TORCH_CHUNK_MIN_ROWS = 128
 
 # Bytes per (B x chunk x M) buffer in the double backward (backends/chunked_grad.py), which holds
 # four such buffers. Same as TORCH_CHUNK_BYTES: at (B=4, d_qk=16, N=4096, M=1024, d_v=64), fp32

@@ -59,7 +59,7 @@ class _SdpaAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         from .chunked_grad import first_order_grads
-        from .torch_chunked import _backward as chunked_backward
+        from .torch_chunked import chunked_backward
 
         q, k, v, out, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -68,11 +68,9 @@ class _SdpaAttention(torch.autograd.Function):
 
         def first_order(grad_out, grad_lse):
             if grad_lse is not None:
-                # the kernel's backward has no lse term: the torch backend's backward has. Its
-                # probabilities are exp(s - row_max) / row_sum; with row_max = lse, row_sum = 1 they
-                # are exp(s - lse), the kernel's own (its logits are scaled, so |lse| stays small)
-                return chunked_backward(q, k, v, out, lse, torch.ones_like(lse), grad_out, grad_lse,
-                                        ctx.scale, needs)
+                # the kernel's backward has no lse term: the torch backend's backward has (it
+                # recomputes the probabilities from the logits, needing no statistics)
+                return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs)
             dq, dk, dv = _OPS._scaled_dot_product_flash_attention_for_cpu_backward(
                 _token_major(grad_out), _token_major(q), _token_major(k), _token_major(v),
                 _token_major(out), lse.unsqueeze(1), 0.0, False, scale=ctx.scale)

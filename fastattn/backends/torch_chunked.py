@@ -1,18 +1,29 @@
 """Memory-efficient pure-PyTorch backend: runs everywhere (CPU and CUDA, fp64/fp32/fp16/bf16).
 
-Forward walks over chunks of queries, keeps a running (B, chunk, M) logits buffer, and saves only
-each query's row max and row sum of the softmax. Backward recomputes the logits chunk by chunk
-with the forward's own arithmetic (`_logits`: same chunks, same bmm, same scale multiply, so the
-same bits) and the probabilities as exp(s - row max) / row sum, exactly the forward's. No N x M
-tensor is ever saved, and working memory is bounded by constants.TORCH_CHUNK_BYTES, not by N.
+The work is split into blocks of (samples, query rows); each block's (b, rows, M) logits and
+probabilities live in two reused buffers of at most constants.TORCH_CHUNK_BYTES (one core's L2
+on one thread), so working memory is bounded whatever N and B are, and no N x M tensor is saved.
 
-Why not recompute from the lse, exp(s - lse): the lse carries a rounding of |lse| * 2^-24
-(relative), which lands in every probability. The naive softmax's largest term is exactly
-exp(0) = 1; with unscaled GAN logits of |s| 1e4-3e4, exp(s - lse) was off by ~1e-3 and dv's fp32
-error was 13-870x the naive path's (benchmarks/large_logit_accuracy.py).
+Forward, per block: logits by one bmm (then the scale multiply, as the naive layer does), torch's
+fused softmax over whole rows, and the block's output by one bmm. Backward, per block: the same
+logits from the same bmm on the same block, the same softmax (so the forward's probabilities, bit
+for bit), then dv += dO P, dS = P * (dO^T v - delta) with delta_i = dO_i . O_i (minus d lse_i),
+dq = scale k dS^T and dk += scale q dS (the scale rides on the O((N + M) d) matmuls, not on the
+block).
 
-Low precision: logits, softmax statistics and accumulators are fp32 (fp64 for fp64 inputs), so
-unscaled GAN logits cannot overflow the way the naive fp16 bmm does.
+Why a softmax from scratch instead of saved row statistics: each block holds whole rows, so the
+fused softmax recomputes them in one vectorised kernel (three passes in cache) where exp(s - m) / l
+from saved statistics takes three separate kernels; and no saved statistic can go stale. It is
+the naive softmax's arithmetic: the largest term of a row is exactly exp(0) = 1, so unscaled GAN
+logits of |s| 1e4-3e4 lose nothing (recomputing from the lse, exp(s - lse), would put the lse's
+|lse| * 2^-24 rounding into every probability: benchmarks/large_logit_accuracy.py).
+
+Blocks hold all samples and as many rows as fit the budget; when that is fewer than
+constants.TORCH_CHUNK_MIN_ROWS rows (a large batch), a block takes that many rows of fewer samples
+instead, so each block's matmuls keep a useful size (constants.py has the measurements).
+
+Low precision: logits, softmax and accumulators are fp32 (fp64 for fp64 inputs), so unscaled GAN
+logits cannot overflow the way the naive fp16 bmm does.
 
 Double backward (gradient penalties such as R1 or WGAN-GP on a discriminator with attention)
 is supported: under create_graph the backward is chunked_grad.FirstOrderGrads, whose own
@@ -28,107 +39,109 @@ from ..dispatch import Backend
 from ..reference import accumulation_dtype
 from .chunked_grad import first_order_grads
 
-__all__ = ["TorchChunkedBackend", "chunked_attention"]
+__all__ = ["TorchChunkedBackend", "chunked_attention", "chunked_out", "chunked_backward", "block_shape",
+           "chunk_budget"]
 
 
-def _rows_per_chunk(batch: int, n_keys: int, n_queries: int, acc: torch.dtype) -> int:
-    """Query rows per chunk: TORCH_CHUNK_BYTES of logits; on one torch thread at most
-    TORCH_CHUNK_BYTES_ONE_THREAD (one core's cache), but not below TORCH_CHUNK_MIN_ROWS_ONE_THREAD
-    rows, under which the per-chunk matmuls of large-batch sites get too small (see constants.py)."""
-    per_row = max(1, batch * n_keys * torch.empty((), dtype=acc).element_size())
-    rows = constants.TORCH_CHUNK_BYTES // per_row
+def chunk_budget() -> int:
+    """Bytes of one (samples, rows, M) block buffer: TORCH_CHUNK_BYTES, or at most
+    TORCH_CHUNK_BYTES_ONE_THREAD (one core's L2) on one torch thread."""
     if torch.get_num_threads() == 1:
-        rows = min(rows, max(constants.TORCH_CHUNK_BYTES_ONE_THREAD // per_row,
-                             constants.TORCH_CHUNK_MIN_ROWS_ONE_THREAD))
-    return max(1, min(n_queries, rows))
+        return min(constants.TORCH_CHUNK_BYTES, constants.TORCH_CHUNK_BYTES_ONE_THREAD)
+    return constants.TORCH_CHUNK_BYTES
 
 
-def _chunks(n_queries: int, rows: int):
-    for start in range(0, n_queries, rows):
-        yield start, min(n_queries, start + rows)
+def block_shape(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> tuple[int, int]:
+    """(samples, query rows) per block: a (samples, rows, M) buffer in `acc` takes at most the
+    chunk budget (TORCH_CHUNK_BYTES, or TORCH_CHUNK_BYTES_ONE_THREAD on one torch thread). All
+    samples when that leaves at least TORCH_CHUNK_MIN_ROWS rows; otherwise up to that many rows
+    (as many as one sample's budget allows) and as many samples as then fit."""
+    budget = chunk_budget()
+    per_row = max(1, n_keys * (8 if acc == torch.float64 else 4))
+    rows = budget // (batch * per_row)
+    if rows >= min(n_queries, constants.TORCH_CHUNK_MIN_ROWS):
+        return batch, max(1, min(n_queries, rows))
+    rows = max(1, min(n_queries, constants.TORCH_CHUNK_MIN_ROWS, budget // per_row))
+    return max(1, min(batch, budget // (rows * per_row))), rows
 
 
-def _buffer(storage: Tensor, batch: int, rows: int, n_keys: int) -> Tensor:
-    """A contiguous (batch, rows, n_keys) view at the front of a reusable flat buffer."""
-    return storage[: batch * rows * n_keys].view(batch, rows, n_keys)
+def _blocks(batch: int, n_queries: int, samples: int, rows: int):
+    for b0 in range(0, batch, samples):
+        b1 = min(batch, b0 + samples)
+        for r0 in range(0, n_queries, rows):
+            yield b0, b1, r0, min(n_queries, r0 + rows)
 
 
-def _logits(q: Tensor, k_acc: Tensor, start: int, stop: int, scale: float, out: Tensor) -> Tensor:
-    """scale * q[:, :, start:stop]^T k into `out` (B, chunk, M), in k_acc's dtype. The forward and
-    the backward both call this with the same chunks, so the backward's logits are the forward's
-    bit for bit (the probabilities' cancellation near the row max depends on it)."""
-    torch.bmm(q[:, :, start:stop].transpose(1, 2).to(k_acc.dtype), k_acc, out=out)
+def _view(storage: Tensor, samples: int, rows: int, n_keys: int) -> Tensor:
+    """A contiguous (samples, rows, n_keys) view at the front of a reusable flat buffer."""
+    return storage[: samples * rows * n_keys].view(samples, rows, n_keys)
+
+
+def _probs(q_acc: Tensor, k_acc: Tensor, b0: int, b1: int, r0: int, r1: int, scale: float,
+           s_storage: Tensor, p_storage: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits buffer, probabilities) of one block: scale * q^T k then torch's softmax over whole
+    rows. The forward and the backward call it on the same blocks, so they get the same bits."""
+    s = _view(s_storage, b1 - b0, r1 - r0, k_acc.shape[2])
+    torch.bmm(q_acc[b0:b1, :, r0:r1].transpose(1, 2), k_acc[b0:b1], out=s)
     if scale != 1.0:
-        out.mul_(scale)
-    return out
+        s.mul_(scale)
+    p = torch._softmax(s, -1, False, out=_view(p_storage, b1 - b0, r1 - r0, k_acc.shape[2]))
+    return s, p
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, lse, row_max, row_sum): the statistics are (B, N) in the accumulation dtype."""
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, need_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """(out, lse or None); lse is (B, N) in the accumulation dtype."""
     batch, _, n_queries = q.shape
     d_v, n_keys = v.shape[1], v.shape[2]
     acc = accumulation_dtype(q.dtype)
-    k_acc, v_acc = k.to(acc), v.to(acc)
-    out = torch.empty(batch, d_v, n_queries, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, n_queries, dtype=acc, device=q.device)
-    row_maxes = torch.empty(batch, n_queries, dtype=acc, device=q.device)
-    row_sums = torch.empty(batch, n_queries, dtype=acc, device=q.device)
-    rows = _rows_per_chunk(batch, n_keys, n_queries, acc)
-    storage = torch.empty(batch * rows * n_keys, dtype=acc, device=q.device)
-    for start, stop in _chunks(n_queries, rows):
-        p = _logits(q, k_acc, start, stop, scale, _buffer(storage, batch, stop - start, n_keys))
-        row_max = p.amax(dim=-1, keepdim=True)
-        p.sub_(row_max).exp_()
-        row_sum = p.sum(dim=-1, keepdim=True)
-        if stop - start == n_queries and out.dtype == acc:
-            # one chunk holds every query (small N): write straight into out, no temporary
-            torch.bmm(v_acc, p.transpose(1, 2), out=out).div_(row_sum.transpose(1, 2))
-        else:
-            out_chunk = torch.bmm(v_acc, p.transpose(1, 2))  # (B, d_v, chunk)
-            out[:, :, start:stop] = out_chunk.div_(row_sum.transpose(1, 2))
-        lse[:, start:stop] = (row_max + row_sum.log()).squeeze(-1)
-        row_maxes[:, start:stop] = row_max.squeeze(-1)
-        row_sums[:, start:stop] = row_sum.squeeze(-1)
-    return out, lse, row_maxes, row_sums
+    q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)
+    out = torch.empty(batch, d_v, n_queries, dtype=acc, device=q.device)
+    lse = torch.empty(batch, n_queries, dtype=acc, device=q.device) if need_lse else None
+    samples, rows = block_shape(batch, n_queries, n_keys, acc)
+    s_storage = torch.empty(samples * rows * n_keys, dtype=acc, device=q.device)
+    p_storage = torch.empty_like(s_storage)
+    for b0, b1, r0, r1 in _blocks(batch, n_queries, samples, rows):
+        s, p = _probs(q_acc, k_acc, b0, b1, r0, r1, scale, s_storage, p_storage)
+        if lse is not None:  # one more pass over the block, only when asked for
+            lse[b0:b1, r0:r1] = torch.logsumexp(s, dim=-1)
+        torch.bmm(v_acc[b0:b1], p.transpose(1, 2), out=out[b0:b1, :, r0:r1])
+    return out.to(q.dtype), lse
 
 
-def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, scale, needs):
-    """Gradients (dq, dk, dv) with probabilities recomputed per query chunk from the forward's
-    row max and row sum."""
+def chunked_backward(q, k, v, out, grad_out, grad_lse, scale, needs):
+    """Gradients (dq, dk, dv), None where `needs` is False, with each block's probabilities
+    recomputed as the forward computed them. `out` is the forward's output (for delta)."""
     batch, d_qk, n_queries = q.shape
     n_keys = k.shape[2]
-    acc = row_max.dtype
-    k_acc, v_acc = k.to(acc), v.to(acc)
+    acc = accumulation_dtype(q.dtype)
+    q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)
     grad_out = grad_out.to(acc)
-    # delta_i = sum_c dO[c, i] * O[c, i]  (the softmax-backward row term); minus d lse_i.
-    delta = (grad_out * out.to(acc)).sum(dim=1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(acc)
     need_qk = needs[0] or needs[1]
     dq = torch.empty(batch, d_qk, n_queries, dtype=acc, device=q.device) if needs[0] else None
     dk = torch.zeros(batch, d_qk, n_keys, dtype=acc, device=q.device) if needs[1] else None
     dv = torch.zeros_like(v_acc) if needs[2] else None
-    rows = _rows_per_chunk(batch, n_keys, n_queries, acc)
-    storage_p = torch.empty(batch * rows * n_keys, dtype=acc, device=q.device)
-    storage_dp = torch.empty_like(storage_p) if need_qk else None
-    for start, stop in _chunks(n_queries, rows):
-        q_chunk = q[:, :, start:stop].to(acc)  # (B, d_qk, c)
-        do_chunk = grad_out[:, :, start:stop]  # (B, d_v, c)
-        p = _logits(q, k_acc, start, stop, scale, _buffer(storage_p, batch, stop - start, n_keys))
-        p.sub_(row_max[:, start:stop, None]).exp_().div_(row_sum[:, start:stop, None])
+    if need_qk:
+        # delta_i = sum_c dO[c, i] * O[c, i] (the softmax backward's row term), minus d lse_i
+        delta = (grad_out * out.to(acc)).sum(dim=1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(acc)
+        k_scaled = k_acc * scale if scale != 1.0 else k_acc
+    samples, rows = block_shape(batch, n_queries, n_keys, acc)
+    s_storage = torch.empty(samples * rows * n_keys, dtype=acc, device=q.device)
+    p_storage = torch.empty_like(s_storage)
+    for b0, b1, r0, r1 in _blocks(batch, n_queries, samples, rows):
+        s, p = _probs(q_acc, k_acc, b0, b1, r0, r1, scale, s_storage, p_storage)
+        do_block = grad_out[b0:b1, :, r0:r1]  # (b, d_v, rows)
         if dv is not None:
-            dv.baddbmm_(do_chunk, p)
+            dv[b0:b1].baddbmm_(do_block, p)
         if not need_qk:
             continue
-        ds = _buffer(storage_dp, batch, stop - start, n_keys)
-        torch.bmm(do_chunk.transpose(1, 2), v_acc, out=ds)
-        ds.sub_(delta[:, start:stop, None]).mul_(p)
-        if scale != 1.0:
-            ds.mul_(scale)
+        ds = torch.bmm(do_block.transpose(1, 2), v_acc[b0:b1], out=s)  # dP, over the spent logits
+        ds.sub_(delta[b0:b1, r0:r1, None]).mul_(p)
         if dq is not None:
-            dq[:, :, start:stop] = torch.bmm(k_acc, ds.transpose(1, 2))
+            torch.bmm(k_scaled[b0:b1], ds.transpose(1, 2), out=dq[b0:b1, :, r0:r1])
         if dk is not None:
-            dk.baddbmm_(q_chunk, ds)
+            dk[b0:b1].baddbmm_(q_acc[b0:b1, :, r0:r1], ds, alpha=scale)
     return (
         dq.to(q.dtype) if dq is not None else None,
         dk.to(k.dtype) if dk is not None else None,
@@ -144,30 +157,41 @@ def _no_autocast(device: torch.device):
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale):
+    def forward(ctx, q, k, v, scale, need_lse):
         with _no_autocast(q.device):
-            out, lse, row_max, row_sum = _forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, row_max, row_sum)
+            out, lse = _forward(q, k, v, scale, need_lse)
+        ctx.save_for_backward(q, k, v, out)
         ctx.scale = scale
-        return out, lse
+        ctx.set_materialize_grads(False)
+        return out, (lse if lse is not None else out.new_empty(0, dtype=accumulation_dtype(q.dtype)))
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, row_max, row_sum = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
+        if grad_lse is not None and grad_lse.numel() == 0:  # lse was not computed (need_lse=False)
+            grad_lse = None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         with _no_autocast(q.device):
             if torch.is_grad_enabled():
                 def first_order(grad_out, grad_lse):
-                    return _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.scale, needs)
-                return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None,)
-            return _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.scale, needs) + (None,)
+                    return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs)
+                return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None, None)
+            return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None, None)
 
 
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(out, lse) with lse in fp32 (fp64 for fp64 inputs); differentiable in q, k and v."""
-    return _ChunkedAttention.apply(q, k, v, float(scale))
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0,
+                      need_lse: bool = True) -> tuple[Tensor, Tensor]:
+    """(out, lse) with lse in fp32 (fp64 for fp64 inputs); differentiable in q, k and v.
+    need_lse=False leaves lse empty (and saves its pass over each block)."""
+    return _ChunkedAttention.apply(q, k, v, float(scale), need_lse)
+
+
+def chunked_out(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0) -> Tensor:
+    """out alone, without a graph (an inference forward)."""
+    with _no_autocast(q.device):
+        return _forward(q, k, v, float(scale), False)[0]
 
 
 class TorchChunkedBackend(Backend):

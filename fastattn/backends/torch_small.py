@@ -18,9 +18,10 @@ from torch import Tensor
 from .. import constants
 from ..reference import accumulation_dtype
 from .chunked_grad import first_order_grads
-from .torch_chunked import TorchChunkedBackend, chunked_attention
+from .torch_chunked import TorchChunkedBackend, chunk_budget, chunked_attention, chunked_out
 
-__all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out", "plain_autograd_out"]
+__all__ = ["TorchBackend", "keeps_probabilities", "one_shot_inference", "kept_probs_attention", "kept_probs_out",
+           "plain_autograd_out"]
 
 
 def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
@@ -32,6 +33,20 @@ def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtyp
     per_sample = n_queries * n_keys * element
     total = batch * per_sample
     if total <= constants.TORCH_KEEP_PROBS_BYTES:
+        return True
+    return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
+            and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
+
+
+def one_shot_inference(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
+    """Whether an inference forward (no graph) runs as three whole ops (bmm, softmax, bmm) rather
+    than in blocks: when the (B, N, M) matrix would be one block anyway, or when its samples are
+    tiny (TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES each, at most TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES
+    in all), where blocks only split small matmuls further. Measured in constants.py."""
+    element = 8 if acc == torch.float64 else 4
+    per_sample = n_queries * n_keys * element
+    total = batch * per_sample
+    if total <= chunk_budget():
         return True
     return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
             and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
@@ -140,8 +155,8 @@ def kept_probs_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0,
 
 
 class TorchBackend(TorchChunkedBackend):
-    """The `torch` backend: per problem size, kept probabilities (small) or chunked recomputation
-    (everything else), and no graph at all for an inference forward."""
+    """The `torch` backend: per problem size, kept probabilities (small) or blocks recomputed in
+    the backward (everything else), and no graph at all for an inference forward."""
 
     def attention(self, q, k, v, scale):
         if keeps_probabilities(q.shape[0], q.shape[2], k.shape[2], accumulation_dtype(q.dtype)):
@@ -149,13 +164,15 @@ class TorchBackend(TorchChunkedBackend):
         return chunked_attention(q, k, v, scale)
 
     def attention_out(self, q, k, v, scale):
-        small = keeps_probabilities(q.shape[0], q.shape[2], k.shape[2], accumulation_dtype(q.dtype))
-        if not small:
-            return chunked_attention(q, k, v, scale)[0]
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            acc = accumulation_dtype(q.dtype)
-            if acc == q.dtype and q.shape[0] * q.shape[2] * k.shape[2] * q.element_size() \
-                    <= constants.TORCH_PLAIN_AUTOGRAD_BYTES and not _autocast_may_be_on(q.device.type):
-                return plain_autograd_out(q, k, v, scale)
-            return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
-        return kept_probs_out(q, k, v, scale)
+        acc = accumulation_dtype(q.dtype)
+        batch, n_queries, n_keys = q.shape[0], q.shape[2], k.shape[2]
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            if one_shot_inference(batch, n_queries, n_keys, acc):
+                return kept_probs_out(q, k, v, scale)
+            return chunked_out(q, k, v, scale)
+        if not keeps_probabilities(batch, n_queries, n_keys, acc):
+            return chunked_attention(q, k, v, scale, need_lse=False)[0]
+        if acc == q.dtype and batch * n_queries * n_keys * q.element_size() <= constants.TORCH_PLAIN_AUTOGRAD_BYTES \
+                and not _autocast_may_be_on(q.device.type):
+            return plain_autograd_out(q, k, v, scale)
+        return kept_probs_attention(q, k, v, scale, need_lse=False)[0]

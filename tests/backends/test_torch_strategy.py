@@ -149,21 +149,54 @@ def test_tiny_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kep
         assert spatial_attention(*small, backend="torch").dtype == torch.float32
 
 
-def test_one_thread_chunks_fit_the_one_thread_budget_but_keep_a_minimum_of_rows(monkeypatch):
-    from fastattn.backends.torch_chunked import _rows_per_chunk
+def test_blocks_fit_the_budget_and_split_the_batch_to_keep_a_minimum_of_rows(monkeypatch):
+    from fastattn.backends.torch_chunked import _blocks, block_shape
 
-    f32 = torch.float32
+    f32, f64 = torch.float32, torch.float64
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        # biggan256_G128, B=1: 16 KiB rows, 2 MiB -> 128 rows; studiogan64_G B=119: 119 KiB rows -> 68
-        # rows (the minimum of 128 capped by the general 8 MiB budget)
-        assert _rows_per_chunk(1, 4096, 16384, f32) == constants.TORCH_CHUNK_BYTES_ONE_THREAD // (4096 * 4)
-        assert _rows_per_chunk(119, 256, 1024, f32) == min(constants.TORCH_CHUNK_BYTES // (119 * 256 * 4),
-                                                           constants.TORCH_CHUNK_MIN_ROWS_ONE_THREAD)
-        monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 1024)  # tests that force many chunks still do
-        assert _rows_per_chunk(1, 64, 1000, f32) == 4
+        budget = constants.TORCH_CHUNK_BYTES_ONE_THREAD
+        assert budget == 2 * 2**20 and constants.TORCH_CHUNK_MIN_ROWS == 128  # the cases below assume them
+        assert block_shape(1, 16384, 4096, f32) == (1, 128)  # biggan256_G128 B=1: 16 KiB rows
+        assert block_shape(8, 4096, 1024, f32) == (4, 128)  # biggan128_G B=8: 8 samples x 64 rows -> 4 x 128
+        assert block_shape(119, 1024, 256, f32) == (16, 128)  # studiogan64_G B=119: not 119 x 17 rows
+        assert block_shape(42, 1024, 1024, f64) == (2, 128)  # fp64 rows are twice the bytes
+        assert block_shape(2, 100, 64, f32) == (2, 100)  # everything fits one block
+        for batch, n_queries, n_keys in ((119, 1024, 256), (42, 1024, 1024), (8, 4096, 1024)):
+            samples, rows = block_shape(batch, n_queries, n_keys, f32)
+            assert samples * rows * n_keys * 4 <= budget
         torch.set_num_threads(2)
-        assert _rows_per_chunk(1, 64, 1000, f32) == 4
+        assert block_shape(119, 1024, 256, f32) == (64, 128)  # 8 MiB with more than one thread
+        monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 1024)  # tests that force many blocks still get them
+        assert block_shape(3, 1000, 64, f32) == (1, 4)
     finally:
         torch.set_num_threads(threads)
+    # every (sample, query) pair is in exactly one block, ragged last blocks included
+    seen = torch.zeros(5, 11, dtype=torch.int64)
+    for b0, b1, r0, r1 in _blocks(5, 11, 2, 3):
+        seen[b0:b1, r0:r1] += 1
+    assert bool((seen == 1).all())
+
+
+def test_blocks_of_some_samples_and_rows_give_the_fp64_reference_out_lse_and_gradients(monkeypatch):
+    """Ragged blocks of 2 of 5 samples x 3 of 13 rows: out, lse and all gradients (lse's too)."""
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_BYTES", 0)  # the blocked strategy
+    monkeypatch.setattr(constants, "TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES", 0)
+    monkeypatch.setattr(constants, "TORCH_CHUNK_MIN_ROWS", 3)
+    monkeypatch.setattr(constants, "TORCH_CHUNK_BYTES", 2 * 3 * 7 * 8)  # fp64: 2 samples x 3 rows x 7 keys
+    from fastattn.backends.torch_chunked import block_shape
+    assert block_shape(5, 13, 7, torch.float64) == (2, 3)
+    q, k, v, g = (t.requires_grad_(i < 3) for i, t in enumerate(_make(5, 4, 13, 7, 6, torch.float64)))
+    out, lse = spatial_attention(q, k, v, scale=0.6, backend="torch", return_lse=True)
+    want_out, want_lse = reference_attention(q, k, v, 0.6, return_lse=True)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(lse)
+    got = torch.autograd.grad((out * g).sum() + (lse * w).sum(), (q, k, v))
+    want = torch.autograd.grad((want_out * g).sum() + (want_lse * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the inference forward takes the same blocks
+        torch.testing.assert_close(spatial_attention(q, k, v, scale=0.6, backend="torch"), want_out,
+                                   rtol=1e-12, atol=1e-12)
