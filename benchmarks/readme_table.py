@@ -13,6 +13,7 @@ import argparse
 import json
 
 PROVIDERS = ("naive", "sdpa", "fastattn-torch")
+OURS = ("fastattn", "fastattn-torch")  # automatic choice, else the torch backend forced (older results)
 
 
 def _machine(env: dict, path: str) -> str:
@@ -68,8 +69,9 @@ def table(path: str, direction: str = "fwd+bwd") -> str:
         return train_step_table(path)
     rows: dict[tuple, dict] = {}
     for r in data["records"]:
-        if r["direction"] == direction and r["status"] == "ok" and r["provider"] in PROVIDERS:
-            rows.setdefault((r["shape"], r["B"], r["N"], r["M"], r["d_qk"], r["d_v"], r["dtype"]), {})[r["provider"]] = r
+        if r["direction"] == direction and r["status"] == "ok" and r["provider"] in (*PROVIDERS, *OURS):
+            provider = "fastattn-torch" if r["provider"] in OURS else r["provider"]
+            rows.setdefault((r["shape"], r["B"], r["N"], r["M"], r["d_qk"], r["d_v"], r["dtype"]), {})[provider] = r
     lines = [
         f"`{env['preset']}` preset, {direction}, {_machine(env, path)}",
         "",
@@ -93,9 +95,60 @@ def table(path: str, direction: str = "fwd+bwd") -> str:
     return "\n".join(lines)
 
 
+def _ours(by: dict) -> dict | None:
+    return next((by[p] for p in OURS if p in by), None)
+
+
+def _ratio_cell(ours: dict | None, base: dict | None) -> str:
+    """ours / base with the larger of the two spreads; bold when above 1 by more than that spread."""
+    if not ours or not base:
+        return "-"
+    ratio = ours["median_s"] / base["median_s"]
+    spread = max(ours.get("spread") or 0.0, base.get("spread") or 0.0) / 2
+    text = f"{ratio:.2f} ±{100 * spread:.0f}%"
+    return f"**{text}**" if ratio > 1 + spread else text
+
+
+def ratio_table(path: str) -> str:
+    """One row per (site, B): fastattn / naive and fastattn / SDPA, fwd and fwd+bwd, each with the
+    spread of the two medians (half their relative IQR, the larger); the fwd+bwd memory ratio; and
+    the backend that automatic choice ran."""
+    data = json.loads(open(path).read())
+    env = data["env"]
+    rows: dict[tuple, dict] = {}
+    for r in data["records"]:
+        if r["status"] == "ok":
+            rows.setdefault((r["shape"], r["B"], r["N"], r["M"], r["d_qk"], r["d_v"]), {}) \
+                .setdefault(r["direction"], {})[r["provider"]] = r
+    lines = [
+        f"`{env['preset']}` preset, {_machine(env, path)} Ratios are fastattn time / other time (below 1: "
+        "fastattn is faster), ± the larger relative half-IQR of the two; bold: slower by more than that.",
+        "",
+        "| site | B | N x M, d_qk / d_v | fwd: / naive | fwd+bwd: / naive | fwd: / SDPA | fwd+bwd: / SDPA "
+        "| memory fwd+bwd: / naive | backend |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (site, B, N, M, d_qk, d_v), by_dir in rows.items():
+        fwd, both = by_dir.get("fwd", {}), by_dir.get("fwd+bwd", {})
+        ours_both = _ours(both)
+        mem = "-"
+        if ours_both and both.get("naive", {}).get("peak_bytes") and ours_both.get("peak_bytes") is not None:
+            ratio = ours_both["peak_bytes"] / both["naive"]["peak_bytes"]
+            mem = f"{ratio:.3f}" if ratio < 0.1 else f"{ratio:.2f}"
+        backend = (ours_both or _ours(fwd) or {}).get("backend") or "-"
+        lines.append(
+            f"| {site} | {B} | {N} x {M}, {d_qk} / {d_v} | {_ratio_cell(_ours(fwd), fwd.get('naive'))} "
+            f"| {_ratio_cell(ours_both, both.get('naive'))} | {_ratio_cell(_ours(fwd), fwd.get('sdpa'))} "
+            f"| {_ratio_cell(ours_both, both.get('sdpa'))} | {mem} | {backend} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--direction", default="fwd+bwd", choices=("fwd", "bwd", "fwd+bwd"))
+    parser.add_argument("--ratios", action="store_true",
+                        help="one row per site and batch: fwd and fwd+bwd ratios against naive and SDPA")
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args()
-    print("\n\n".join(table(path, args.direction) for path in args.paths))
+    print("\n\n".join(ratio_table(path) if args.ratios and "train-step" not in path else table(path, args.direction)
+                        for path in args.paths))

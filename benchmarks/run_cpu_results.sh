@@ -8,7 +8,8 @@
 #     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: train stress gan quick pytest
 #     NOTE="quiet machine" benchmarks/run_cpu_results.sh  # a remark printed with the tables
 #
-# About 4 min (train) + 5 min (stress) + 10-15 min (gan) + 1 min (quick) on a 2-core CPU.
+# About 4 min (train) + 5 min (stress) + 4 min (wide) + 10-15 min (gan) + 10 min (batches) + 1 min
+# (quick) on a 2-core CPU.
 # `fastattn bench` uses 1 torch thread on a CPU unless THREADS says otherwise; it times the
 # providers of each case interleaved, and records the load average at the start of each step.
 set -euo pipefail
@@ -25,7 +26,7 @@ if [[ -n "${THREADS:-}" ]]; then
     BENCH_ARGS+=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
 fi
-STEPS=${STEPS:-train stress gan quick pytest}
+STEPS=${STEPS:-train stress wide gan batches quick pytest}
 bench() { "$PY" -m fastattn bench --device cpu --no-progress "${BENCH_ARGS[@]}" "$@"; }
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -33,13 +34,21 @@ step() { [[ " $STEPS " == *" $1 "* ]]; }
 # GAN with attention at half resolution, naive layers vs fastattn, at 128 and 256 px.
 step train && bench --preset train-step --resolution 128,256 \
     --json "$OUT/train-step.json" --markdown "$OUT/train-step.md" | tee "$OUT/train-step.txt"
-# Issue 2 targets: naive vs SDPA vs fastattn-torch, fp32, B=1, at the BigGAN-256 generator site
-# (N=16384, M=4096, d_qk=24, d_v=96) and the unpooled stress site (N=M=16384, d_qk=8, d_v=64).
-step stress && bench --preset stress --dtype float32 --provider naive,sdpa,fastattn-torch \
+# naive vs SDPA vs fastattn (automatic choice), fp32, B=1, at the BigGAN-256 generator site
+# (N=16384, M=4096, d_qk=24, d_v=96), the unpooled stress site (N=M=16384, d_qk=8, d_v=64) and the
+# wide-head autoencoder site (N=M=4096, d=512).
+step stress && bench --preset stress --dtype float32 \
     --json "$OUT/stress.json" --markdown "$OUT/stress.md" --plots "$OUT/stress-plots" | tee "$OUT/stress.txt"
+# The wide-head site at its config's batch (B=8; the stress preset runs it at B=1): automatic
+# choice takes the sdpa backend there.
+step wide && bench --shape autoencoder_mid512 --batch 8 --direction fwd,fwd+bwd --repeats 3 \
+    --json "$OUT/wide-b8.json" --markdown "$OUT/wide-b8.md" | tee "$OUT/wide-b8.txt"
 # Every GAN site, batch scaled to this machine (stated in the output).
 step gan && bench --preset gan --direction fwd,fwd+bwd \
     --json "$OUT/gan.json" --markdown "$OUT/gan.md" --plots "$OUT/gan-plots" | tee "$OUT/gan.txt"
+# Every gan site at B = 1, 2, 8, 32, 128, 256 as far as the work cap allows ("never slower than naive").
+step batches && bench --preset batches \
+    --json "$OUT/batches.json" --markdown "$OUT/batches.md" | tee "$OUT/batches.txt"
 # The CI-sized preset (the baseline for `fastattn bench --compare`).
 step quick && bench --preset quick --json "$OUT/quick.json" --markdown "$OUT/quick.md" | tee "$OUT/quick.txt"
 # The same providers through pytest-benchmark.

@@ -83,16 +83,19 @@ TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20
 TORCH_PLAIN_AUTOGRAD_BYTES = 128 * 2**10
 
 # --- sdpa backend (PyTorch's fused CPU flash kernel, fastattn/backends/sdpa.py) -----------------
-# Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width up.
-# Measured (1 thread, shared 2-core AMD EPYC VM, load average 7-9, torch 2.13.0+cpu, 2026-11-22),
-# B=1, scale d**-0.5, forward, median of 3, on token-major contiguous copies (on the channel-major
-# views the kernel is 6-11x slower than the torch backend at every d from 32 to 512):
-#   d=64 N=M=1024: sdpa 26 ms, torch chunked 45 ms;  d=512 N=M=1024: 239 vs 213 ms;
-#   d=512 N=M=4096: 1.91 vs 2.13 s.  fwd+bwd d=512 N=M=1024: 718 vs 657 ms (naive 620).
-# i.e. no clear win at any width on this machine under load: automatic choice never takes it
-# below 512 and the number is to be re-measured on a quiet machine (the GAN sites, d_qk = C/8 !=
-# d_v, never qualify; at d=64 the torch backend keeps the probabilities anyway).
-SDPA_AUTO_MIN_HEAD_DIM = 512
+# Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width and this
+# many (query, key) pairs per sample up; below either the torch backend was measured faster.
+# Measured on a quiet machine (1 thread, 2-core AMD EPYC VM, load average 0.2-0.7, torch 2.13.0+cpu,
+# 2026-12-02, /tmp script: providers interleaved in rounds, medians of 3-7), B=1, one head, scale
+# d**-0.5, time / naive time, torch backend vs sdpa backend (token-major copies, saved for the
+# backward), fwd and fwd+bwd:
+#   N=M=1024: d=64 1.00 vs 0.92, 0.54 vs 0.62;  d=128 1.02 vs 1.04, 0.79 vs 0.94
+#             d=256 1.00 vs 1.08, 0.80 vs 1.05;  d=512 1.05 vs 1.16, 0.89 vs 1.15
+#   N=M=2048, d=512: 0.91 vs 0.87, 1.01 vs 0.99
+#   N=M=4096: d=256 0.75 vs 0.66, 0.85 vs 0.75;  d=512 (autoencoder_mid512) 0.84 vs 0.72, 0.99 vs 0.90
+# (The previous threshold, d >= 512 at any size, came from a run under load average 7-9.)
+SDPA_AUTO_MIN_HEAD_DIM = 256
+SDPA_AUTO_MIN_PAIRS = 2048 * 2048
 
 # --- accuracy ------------------------------------------------------------------------------
 # Tolerances for comparing a result in `dtype` against an fp64 reference of the same inputs:

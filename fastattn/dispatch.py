@@ -23,6 +23,8 @@ __all__ = [
     "select_backend",
     "backend_report",
     "check_backend_name",
+    "env_backend",
+    "registry_token",
 ]
 
 ENV_VAR = "FASTATTN_BACKEND"
@@ -115,12 +117,40 @@ def _format_reasons(reasons_by_name: dict[str, list[str]]) -> str:
     return "\n".join(f"  - {name}: {'; '.join(r)}" for name, r in reasons_by_name.items())
 
 
+# os.environ.get costs ~0.8 us (it encodes the key each time): spatial_attention reads the variable
+# at every call, so the encoded key is made once and looked up in os.environ's own mapping, which
+# os.environ[...] = and monkeypatch.setenv update (os.environ.get where that mapping is absent).
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+except (AttributeError, TypeError):
+    _ENV_DATA = None
+
+
+def env_backend() -> str | None:
+    """The FASTATTN_BACKEND environment variable, stripped; None when unset or empty."""
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        value = None if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    else:
+        value = os.environ.get(ENV_VAR)
+    return value.strip() or None if value else None
+
+
+def registry_token() -> tuple:
+    """Changes whenever a backend is registered, replaced or removed: callers that remember a
+    choice (spatial_attention) key it on this."""
+    return tuple(_REGISTRY.values())
+
+
 def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) -> Backend:
     """The backend that will run these inputs: the one named (argument, else FASTATTN_BACKEND),
     or the highest-priority one that can. Raises BackendUnavailableError with every reason."""
     source = "backend="
-    if backend is None and os.environ.get(ENV_VAR):
-        backend, source = os.environ[ENV_VAR].strip(), f"the {ENV_VAR} environment variable"
+    if backend is None:
+        backend = env_backend()
+        if backend is not None:
+            source = f"the {ENV_VAR} environment variable"
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")

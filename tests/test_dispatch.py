@@ -114,3 +114,73 @@ def test_info_command_lists_backends_and_their_status():
 def test_import_fastattn_does_not_import_triton():
     code = "import sys, fastattn; fastattn.spatial_attention; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the remembered choice (spatial_attention's per-signature fast path) -----------------------
+class _Counting(Backend):
+    """Wins on priority for d_qk == 4, counts how often automatic choice asks it."""
+    name, priority = "counting", 50_000
+
+    def __init__(self):
+        self.asked = self.ran = 0
+
+    def unsupported(self, q, k, v):
+        self.asked += 1
+        return [] if q.shape[1] == 4 else ["only d_qk=4"]
+
+    def attention(self, q, k, v, scale):
+        self.ran += 1
+        return available_backends()["torch"].attention(q, k, v, scale)
+
+
+def test_a_seen_signature_skips_validation_and_choice_but_a_new_one_does_not(monkeypatch):
+    counting = _Counting()
+    monkeypatch.setattr(dispatch, "_REGISTRY", {**dispatch._REGISTRY, "counting": counting})
+    q, k, v = qkv()
+    for _ in range(3):
+        spatial_attention(q, k, v)
+    assert counting.asked == 1
+    spatial_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # other strides: asked again
+    spatial_attention(q, k, v, scale=0.5)  # another scale
+    spatial_attention(q.double(), k.double(), v.double())  # another dtype
+    assert counting.asked == 4
+    spatial_attention(q, k, v)
+    assert counting.asked == 4
+    from fastattn.functional import clear_dispatch_cache
+    clear_dispatch_cache()
+    spatial_attention(q, k, v)
+    assert counting.asked == 5
+
+
+def test_the_remembered_choice_follows_the_registry_and_the_environment(monkeypatch):
+    q, k, v = qkv()
+    plain = spatial_attention(q, k, v)
+    assert plain.grad_fn is None  # the torch backend, inference: no graph
+    registry = {**dispatch._REGISTRY}
+    monkeypatch.setattr(dispatch, "_REGISTRY", registry)
+    dispatch.register_backend(_Picky())  # refuses: the torch backend still runs
+    torch.testing.assert_close(spatial_attention(q, k, v), plain)
+    counting = dispatch.register_backend(_Counting())  # takes the same signature from now on
+    spatial_attention(q, k, v)
+    assert counting.asked == 1
+    monkeypatch.setenv("FASTATTN_BACKEND", "picky")  # the variable is read at every call
+    with pytest.raises(BackendUnavailableError, match="picky"):
+        spatial_attention(q, k, v)
+    monkeypatch.setenv("FASTATTN_BACKEND", "  ")  # blank means unset: the remembered choice again
+    spatial_attention(q, k, v)
+    assert (counting.asked, counting.ran) == (1, 2)
+
+
+def test_bad_inputs_raise_at_every_call_and_meta_tensors_still_work():
+    q, k, v = qkv()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="k has d_qk=3"):
+            spatial_attention(q, k[:, :3], v)
+        with pytest.raises(TypeError, match="return_lse must be a bool"):
+            spatial_attention(q, k, v, return_lse=1)
+        with pytest.raises(ValueError, match="scale must be finite"):
+            spatial_attention(q, k, v, scale=float("nan"))
+    meta = [t.to("meta") for t in (q, k, v)]
+    for _ in range(2):
+        out, lse = spatial_attention(*meta, return_lse=True)
+        assert out.device.type == "meta" and out.shape == (1, 3, 6) and lse.shape == (1, 6)

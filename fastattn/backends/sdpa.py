@@ -10,7 +10,8 @@ other backend.
 
 Capabilities (`unsupported`): CPU tensors, d_qk == d_v (the kernel's one head width), and a torch
 that has the kernel. Automatic choice (`not_automatic`) takes it only where it was measured
-faster than the torch backend: d_qk = d_v >= constants.SDPA_AUTO_MIN_HEAD_DIM. A user who names
+faster than the torch backend: d_qk = d_v >= constants.SDPA_AUTO_MIN_HEAD_DIM and at least
+constants.SDPA_AUTO_MIN_PAIRS (query, key) pairs per sample. A user who names
 another backend never gets this one, and a user who names this one gets it or the reasons.
 """
 from __future__ import annotations
@@ -46,22 +47,25 @@ def _channel_major(t: Tensor) -> Tensor:
 class _SdpaAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
+        q_t, k_t, v_t = _token_major(q), _token_major(k), _token_major(v)
         with torch.autocast(q.device.type, enabled=False):
-            out, lse = _OPS._scaled_dot_product_flash_attention_for_cpu(
-                _token_major(q), _token_major(k), _token_major(v), 0.0, False, scale=scale)
-        out = _channel_major(out)
+            out_t, lse = _OPS._scaled_dot_product_flash_attention_for_cpu(q_t, k_t, v_t, 0.0, False, scale=scale)
         lse = lse.squeeze(1)
-        ctx.save_for_backward(q, k, v, out, lse)
+        # the token-major copies are what the kernel's backward reads: saved, so that the backward
+        # does not transpose q, k, v and out again (four strided copies of O(N d) each); q, k, v
+        # themselves (no copies) are what a double backward differentiates through
+        ctx.save_for_backward(q, k, v, q_t, k_t, v_t, out_t, lse)
         ctx.scale = scale
         ctx.set_materialize_grads(False)  # an unused lse gets no gradient: the kernel's backward
-        return out, lse
+        return _channel_major(out_t), lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         from .chunked_grad import first_order_grads
         from .torch_chunked import chunked_backward
 
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, q_t, k_t, v_t, out_t, lse = ctx.saved_tensors
+        out = _channel_major(out_t)
         needs = ctx.needs_input_grad[:3]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
@@ -72,8 +76,7 @@ class _SdpaAttention(torch.autograd.Function):
                 # recomputes the probabilities from the logits, needing no statistics)
                 return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs)
             dq, dk, dv = _OPS._scaled_dot_product_flash_attention_for_cpu_backward(
-                _token_major(grad_out), _token_major(q), _token_major(k), _token_major(v),
-                _token_major(out), lse.unsqueeze(1), 0.0, False, scale=ctx.scale)
+                _token_major(grad_out), q_t, k_t, v_t, out_t, lse.unsqueeze(1), 0.0, False, scale=ctx.scale)
             return tuple(_channel_major(g) if need else None for g, need in zip((dq, dk, dv), needs))
 
         if torch.is_grad_enabled():  # create_graph: the first backward as a differentiable op
@@ -104,11 +107,15 @@ class SdpaBackend(Backend):
         return reasons
 
     def not_automatic(self, q, k, v):
-        d = q.shape[1]
+        d, pairs = q.shape[1], q.shape[2] * k.shape[2]
+        reasons = []
         if d < constants.SDPA_AUTO_MIN_HEAD_DIM:
-            return [f"d_qk = d_v = {d} is below SDPA_AUTO_MIN_HEAD_DIM = {constants.SDPA_AUTO_MIN_HEAD_DIM}, "
-                    "where the torch backend was measured faster"]
-        return []
+            reasons.append(f"d_qk = d_v = {d} is below SDPA_AUTO_MIN_HEAD_DIM = {constants.SDPA_AUTO_MIN_HEAD_DIM}, "
+                           "where the torch backend was measured faster")
+        if pairs < constants.SDPA_AUTO_MIN_PAIRS:
+            reasons.append(f"N x M = {pairs} (query, key) pairs is below SDPA_AUTO_MIN_PAIRS = "
+                           f"{constants.SDPA_AUTO_MIN_PAIRS}, where the torch backend was measured faster")
+        return reasons
 
     def attention(self, q, k, v, scale):
         return sdpa_attention(q, k, v, scale)

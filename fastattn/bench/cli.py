@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=(*PRESETS, TRAIN_STEP),
                    help="default: `gan` on CUDA, `quick` on CPU. quick: three small sites, B=1 (CI-sized). "
                         "gan: every site, batch scaled to the device. stress: the high-resolution sites, B=1. "
+                        "batches: every gan site at B = 1, 2, 8, 32, 128, 256 (as far as the device allows). "
                         "train-step: one whole G+D training step of the reference GAN (fastattn.models) with "
                         "attention at half resolution, naive layers vs fastattn (--resolution, --ch, --batch)")
     p.add_argument("--resolution", action="append", metavar="PX[,PX]",
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(DIRECTIONS)}; fwd is an inference forward, bwd the backward alone, "
                         f"{PENALTY_DIRECTION} a gradient-penalty step (backward of |dq|^2+|dk|^2+|dv|^2)")
     p.add_argument("--provider", action="append", metavar="NAME[,NAME]",
-                   help=f"{', '.join(ALL_PROVIDERS)} (default on CPU: naive, sdpa, fastattn-torch; "
+                   help=f"{', '.join(ALL_PROVIDERS)} (default on CPU: naive, sdpa, fastattn; "
                         "on CUDA: all)")
     p.add_argument("--batch", type=POSITIVE_INT, help="use this batch size for every site")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -201,7 +202,7 @@ def _run_case(case, providers: list[str], inputs, reference, device, args, free_
     import torch
 
     from . import measure
-    from .providers import make_provider, skip_reason
+    from .providers import chosen_backend, make_provider, skip_reason
 
     records: dict[str, dict] = {}
     calls: dict[str, tuple] = {}
@@ -224,7 +225,8 @@ def _run_case(case, providers: list[str], inputs, reference, device, args, free_
                 continue
             timing, first = outcome
             record = _record(case, provider, median_s=timing.median_s, q25_s=timing.q25_s, q75_s=timing.q75_s,
-                             n_repeats=timing.n_repeats)
+                             n_repeats=timing.n_repeats,
+                             backend=chosen_backend(provider, inputs.q, inputs.k, inputs.v))
             if reference is not None:
                 record.update(measure.accuracy(first, reference, case.direction, case.dtype))
             records[provider] = record

@@ -7,6 +7,7 @@ the naive forward+backward must also stay within a work cap so that a preset end
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -39,8 +40,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64",
                  "half": "float16", "float": "float32", "double": "float64"}
-PRESETS = ("default", "quick", "gan", "stress")
+PRESETS = ("default", "quick", "gan", "stress", "batches")
 
+# batches: every site of the gan preset at each of these batch sizes, up to the most the device
+# allows (the gan preset's memory budget and CPU work cap, applied as if the config's batch were the
+# sweep's largest): "never slower than naive at B = 1..256" is checked on it.
+BATCH_SWEEP = (1, 2, 8, 32, 128, 256)
 # quick: one small site of each family (pooled and unpooled), CI-sized.
 QUICK_SITES = ("cifar_G", "sagan64_unpooled_G", "biggan128_G")
 # stress: the high-resolution sites and the wide-head (d = C = 512) autoencoder site, B=1. On a CPU the pooled 256x256 site is left out: its naive
@@ -147,7 +152,7 @@ def preset_sites(preset: str, device: torch.device) -> tuple[list[str], str]:
         return list(QUICK_SITES), preset
     if preset == "stress":
         return list(STRESS_SITES if device.type == "cuda" else STRESS_SITES_CPU), preset
-    if preset == "gan":
+    if preset in ("gan", "batches"):
         dropped = set(over_cpu_work_cap()) if device.type == "cpu" else set()
         return [s.id for s in gan_shapes() if s.id not in dropped], preset
     raise ValueError(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
@@ -167,7 +172,7 @@ def preset_dtypes(preset: str, device: torch.device) -> list[str]:
 
 
 def preset_directions(preset: str) -> list[str]:
-    return ["fwd", "fwd+bwd"] if preset in ("quick", "stress") else [d for d in DIRECTIONS if d != PENALTY_DIRECTION]
+    return ["fwd", "fwd+bwd"] if preset in ("quick", "stress", "batches") else [d for d in DIRECTIONS if d != PENALTY_DIRECTION]
 
 
 _CUSTOM_KEYS = ("B", "N", "M", "d_qk", "d_v")
@@ -219,6 +224,13 @@ def build_cases(
             shape = gan_shape(site_id)
             if batch is not None:
                 b, note = batch, (f"B {shape.B} -> {batch} (--batch)" if batch != shape.B else "")
+            elif resolved == "batches":
+                most, _ = _scaled_batch(dataclasses.replace(shape, B=BATCH_SWEEP[-1]), DTYPES[dtype], device,
+                                        free_bytes)
+                for b in (b for b in BATCH_SWEEP if b <= most):
+                    sweep_note = f"batch sweep {BATCH_SWEEP[0]}-{most} (config B={shape.B})"
+                    sites.append((Site(shape, b, sweep_note), dtype))
+                continue
             elif resolved in ("quick", "stress"):
                 b, note = 1, (f"B {shape.B} -> 1 ({resolved} preset)" if shape.B != 1 else "")
             else:

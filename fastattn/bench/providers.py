@@ -18,7 +18,7 @@ from ..constants import BENCH_MEMORY_FRACTION
 from ..reference import reference_attention
 from .presets import DTYPES, Case, naive_bytes
 
-__all__ = ["ALL_PROVIDERS", "NotSupported", "default_providers", "make_provider", "skip_reason"]
+__all__ = ["ALL_PROVIDERS", "NotSupported", "chosen_backend", "default_providers", "make_provider", "skip_reason"]
 
 # sdpa: PyTorch's own dispatch; sdpa-<backend>: one SDPA backend forced via sdpa_kernel.
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -26,8 +26,10 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_A
 # <sdpa name>+copy: SDPA on token-major contiguous copies (the copies are timed too). The fused SDPA
 # kernels want the last dimension contiguous, which the channel-major views are not.
 SDPA_COPY = tuple(f"{name}+copy" for name in ("sdpa", *SDPA_BACKENDS))
-ALL_PROVIDERS = ("naive", "sdpa", *SDPA_BACKENDS, *SDPA_COPY, "flex", "fastattn-torch", "fastattn-triton",
-                 "naive-compile")
+# fastattn: automatic backend choice (what `spatial_attention` and the layers do by default; the
+# record names the backend it chose); fastattn-<name>: that backend forced.
+ALL_PROVIDERS = ("naive", "sdpa", *SDPA_BACKENDS, *SDPA_COPY, "flex", "fastattn", "fastattn-torch",
+                 "fastattn-triton", "naive-compile")
 # Providers that materialise the (B, N, M) matrices, so the memory budget applies to them.
 _MATERIALISING = ("naive", "naive-compile", "sdpa-math")
 
@@ -44,7 +46,7 @@ def default_providers(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["naive", *SDPA_BACKENDS, "sdpa-efficient+copy", "sdpa-cudnn+copy", "flex", "fastattn-torch",
                 "fastattn-triton", "naive-compile"]
-    return ["naive", "sdpa", "fastattn-torch"]
+    return ["naive", "sdpa", "fastattn"]
 
 
 def skip_reason(provider: str, case: Case, device: torch.device, free_bytes: int) -> str | None:
@@ -96,7 +98,20 @@ def _sdpa_forced(backend_name: str, copy: bool) -> Fn:
     return run
 
 
-def _fastattn(backend: str) -> Fn:
+def chosen_backend(provider: str, q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """The fastattn backend a fastattn provider runs these inputs on (None for other providers,
+    or when no backend can run them)."""
+    from ..dispatch import BackendUnavailableError, select_backend
+
+    if provider != "fastattn" and not provider.startswith("fastattn-"):
+        return None
+    try:
+        return select_backend(q, k, v, None if provider == "fastattn" else provider.removeprefix("fastattn-")).name
+    except BackendUnavailableError:
+        return None
+
+
+def _fastattn(backend: str | None) -> Fn:
     from ..dispatch import BackendUnavailableError
     from ..functional import spatial_attention
 
@@ -173,6 +188,8 @@ def make_provider(name: str) -> Fn:
         return lambda q, k, v, scale: _sdpa(q, k, v, scale, copy)
     if base in SDPA_BACKENDS:
         return _sdpa_forced(SDPA_BACKENDS[base], copy)
+    if name == "fastattn":
+        return _fastattn(None)
     if name == "fastattn-torch":
         return _fastattn("torch")
     if name == "fastattn-triton":

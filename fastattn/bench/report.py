@@ -211,7 +211,10 @@ def markdown_table(records: list[dict], env: dict, compact: bool = False) -> str
         head += ["TFLOP/s", "% bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
-        row = [r["shape"], str(r["B"]), r["dtype"], r["direction"], r["provider"]]
+        provider = r["provider"]
+        if provider == "fastattn" and r.get("backend"):  # automatic choice: say which backend ran
+            provider = f"fastattn ({r['backend']})"
+        row = [r["shape"], str(r["B"]), r["dtype"], r["direction"], provider]
         if r["status"] != "ok":
             text = f"{r['status']}: {r['reason']}"
             row += [text] + [""] * (len(head) - len(row) - 1)

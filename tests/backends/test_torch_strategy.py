@@ -124,11 +124,17 @@ def test_sdpa_backend_declares_what_it_cannot_take_with_reasons():
     assert "SDPA_AUTO_MIN_HEAD_DIM" in " ".join(sdpa.not_automatic(*narrow))
 
 
-def test_automatic_choice_takes_sdpa_only_for_wide_equal_heads_and_a_forced_backend_is_never_replaced():
+def test_automatic_choice_takes_sdpa_only_for_wide_equal_heads_and_a_forced_backend_is_never_replaced(monkeypatch):
+    monkeypatch.setattr(constants, "SDPA_AUTO_MIN_PAIRS", 32)  # small tensors stand for large N x M
     d = constants.SDPA_AUTO_MIN_HEAD_DIM
     wide = torch.randn(1, d, 8), torch.randn(1, d, 4), torch.randn(1, d, 4)
+    few_pairs = torch.randn(1, d, 7), torch.randn(1, d, 4), torch.randn(1, d, 4)  # 28 pairs
+    narrower = torch.randn(1, d - 1, 8), torch.randn(1, d - 1, 4), torch.randn(1, d - 1, 4)
     gan = torch.randn(1, 8, 16), torch.randn(1, 8, 4), torch.randn(1, 64, 4)
     assert select_backend(*wide).name == "sdpa"
+    assert select_backend(*few_pairs).name == "torch"
+    assert "SDPA_AUTO_MIN_PAIRS" in " ".join(SdpaBackend().not_automatic(*few_pairs))
+    assert select_backend(*narrower).name == "torch"
     assert select_backend(*gan).name == "torch"
     assert select_backend(*wide, backend="torch").name == "torch"
     assert select_backend(*gan, backend="torch") is get_backend("torch")
