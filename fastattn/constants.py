@@ -66,6 +66,12 @@ DOUBLE_BACKWARD_CHUNK_BYTES = 8 * 2**20
 # Keeping wins up to 8 MiB everywhere and loses from 16 MiB, except where each sample's matrix is
 # tiny (CIFAR's 256 x 64 = 64 KiB: the chunked path then splits many tiny matmuls): there it wins
 # up to 16 MiB (B = 256), hence the second, per-sample rule.
+# An inference forward (no graph) has nothing to keep: it runs as three whole ops (bmm, softmax, bmm)
+# only when the matrix would be one block anyway or its samples are tiny (the small-sample rule
+# below), and in blocks otherwise (backends/torch_small.one_shot_inference). Measured side by side
+# (1 thread, load average about 1, 2026-12-02), fwd time / naive: sagan64_unpooled_G (1024x1024,
+# d 8/64) B=1 (4 MiB): whole 1.03, blocks 0.94; B=2 (8 MiB): 1.03, 0.89; cifar_G (256x64, d 48/192)
+# B=64 (4 MiB of 64 KiB samples): whole 0.97, blocks of 2 MiB 1.19 (blocks of 8 MiB 1.00).
 TORCH_KEEP_PROBS_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES = 64 * 2**10
 TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20

@@ -187,11 +187,25 @@ def _timed_repeat(setup, call, device: torch.device, flush, clock) -> float:
     return elapsed
 
 
+def _round_order(names: list, round_index: int) -> list:
+    """The order of timed round `round_index`: the given order on even rounds and its reverse on
+    odd ones, rotated by round_index // 2. Over 2 x len(names) rounds every ordered pair (a right
+    before b) occurs equally often inside the rounds."""
+    base = names if round_index % 2 == 0 else names[::-1]
+    start = (round_index // 2) % len(base)
+    return base[start:] + base[:start]
+
+
 def time_interleaved(calls: dict, device: torch.device, min_time_s: float, min_repeats: int, max_repeats: int,
                      warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Time several (setup, call) pairs of one case in alternating rounds: warm-up rounds, then
-    timed rounds in which every pair runs once, in the order given (naive, sdpa, fastattn, naive,
-    sdpa, fastattn, ...), so that a change in the machine's load hits every provider alike.
+    timed rounds in which every pair runs once, so that a change in the machine's load hits every
+    provider alike. The warm-up rounds run in the order given; the timed rounds alternate between
+    that order and its reverse, rotated by one every two rounds (_round_order), so that within the
+    rounds each pair runs right after each other one equally often: a call inherits the caches and the
+    allocator state (freed or trimmed memory, page faults on fresh pages) that the previous call
+    left, which in a fixed order always favoured the same provider (measured: a 4 MiB sagan64
+    forward ran 1.0x or 2.1x naive's time depending only on which provider ran before it).
 
     Every pair runs the same number of rounds: rounds go on while any pair still needs more (under
     min_repeats or min_time_s of its own time, or its spread over BENCH_STABLE_SPREAD while it has
@@ -228,7 +242,7 @@ def time_interleaved(calls: dict, device: torch.device, min_time_s: float, min_r
     rounds = 0
     while active and rounds < max_repeats and any(
             _needs_more(times[n], spent[n], min_time_s, min_repeats) for n in active):
-        for name in list(active):
+        for name in _round_order(active, rounds):
             elapsed = attempt(name, lambda: _timed_repeat(*calls[name], device, flush, clock))
             if name in active:
                 times[name].append(elapsed)

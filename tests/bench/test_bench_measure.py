@@ -130,9 +130,18 @@ def test_interleaved_timing_runs_providers_round_robin_and_gives_each_the_same_r
     fake = _FakeProviders({"naive": 2**-4, "sdpa": 2**-6, "fastattn": 2**-7})
     out = measure.time_interleaved(fake.calls(), torch.device("cpu"), min_time_s=2**-3, min_repeats=3,
                                    max_repeats=20, clock=fake.clock)
-    # one warm-up round, then timed rounds in the order given, until every provider has min_repeats
-    # and min_time_s of its own time: fastattn needs 16 rounds of 1/128 s, and so all run 16
-    assert fake.log == ["naive", "sdpa", "fastattn"] * 17
+    # one warm-up round in the order given, then timed rounds, each starting one provider later,
+    # until every provider has min_repeats and min_time_s of its own time: fastattn needs 16 rounds
+    # of 1/128 s, and so all run 16
+    orders = [["naive", "sdpa", "fastattn"], ["fastattn", "sdpa", "naive"], ["sdpa", "fastattn", "naive"],
+              ["sdpa", "naive", "fastattn"], ["fastattn", "naive", "sdpa"], ["naive", "fastattn", "sdpa"]]
+    assert fake.log == ["naive", "sdpa", "fastattn"] + [p for r in range(16) for p in orders[r % 6]]
+    # inside the rounds, each provider runs right after each other one equally often
+    after = {}
+    for order in orders:
+        for before, name in zip(order, order[1:]):
+            after[(before, name)] = after.get((before, name), 0) + 1
+    assert sorted(after.values()) == [2] * 6
     assert [out[n][0].n_repeats for n in ("naive", "sdpa", "fastattn")] == [16, 16, 16]
     assert out["naive"][0].median_s == 2**-4 and out["fastattn"][0].median_s == 2**-7
     assert out["sdpa"][1] == "sdpa"  # the first warm-up call's result, for the accuracy check
@@ -142,8 +151,9 @@ def test_interleaved_timing_drops_a_failing_provider_and_keeps_timing_the_others
     fake = _FakeProviders({"naive": 0.01, "sdpa": 0.01, "fastattn": 0.01}, fail_on_call={"sdpa": 3})
     out = measure.time_interleaved(fake.calls(), torch.device("cpu"), min_time_s=0.0, min_repeats=4,
                                    max_repeats=4, clock=fake.clock)
-    assert fake.log == ["naive", "sdpa", "fastattn", "naive", "sdpa", "fastattn", "naive", "fastattn",
-                        "naive", "fastattn", "naive", "fastattn"]
+    # warm-up, round 0, then sdpa fails on its third call (round 1, reversed order) and leaves
+    assert fake.log == ["naive", "sdpa", "fastattn", "naive", "sdpa", "fastattn", "fastattn", "naive",
+                        "fastattn", "naive", "naive", "fastattn"]
     assert isinstance(out["sdpa"], RuntimeError) and list(out) == ["naive", "sdpa", "fastattn"]
     assert out["naive"][0].n_repeats == out["fastattn"][0].n_repeats == 4
 
