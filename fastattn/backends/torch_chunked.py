@@ -58,9 +58,9 @@ def block_shape(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> tu
     (as many as one sample's budget allows) and as many samples as then fit."""
     budget = chunk_budget()
     per_row = max(1, n_keys * (8 if acc == torch.float64 else 4))
-    rows = budget // (batch * per_row)
+    rows = budget // (max(1, batch) * per_row)
     if rows >= min(n_queries, constants.TORCH_CHUNK_MIN_ROWS):
-        return batch, max(1, min(n_queries, rows))
+        return max(1, batch), max(1, min(n_queries, rows))
     rows = max(1, min(n_queries, constants.TORCH_CHUNK_MIN_ROWS, budget // per_row))
     return max(1, min(batch, budget // (rows * per_row))), rows
 

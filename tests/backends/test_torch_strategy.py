@@ -206,3 +206,15 @@ def test_blocks_of_some_samples_and_rows_give_the_fp64_reference_out_lse_and_gra
     with torch.no_grad():  # the inference forward takes the same blocks
         torch.testing.assert_close(spatial_attention(q, k, v, scale=0.6, backend="torch"), want_out,
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B, N", [(0, 10), (2, 0)], ids=["no samples", "no queries"])
+def test_the_blocked_path_gives_empty_results_and_gradients_for_empty_inputs(B, N):
+    from fastattn.backends.torch_chunked import chunked_attention, chunked_out
+
+    q = torch.randn(B, 4, N, requires_grad=True)
+    k, v = torch.randn(B, 4, 5, requires_grad=True), torch.randn(B, 3, 5, requires_grad=True)
+    out, lse = chunked_attention(q, k, v)
+    assert out.shape == (B, 3, N) and lse.shape == (B, N) and chunked_out(q, k, v).shape == (B, 3, N)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.abs().sum() == 0 and v.grad.abs().sum() == 0
