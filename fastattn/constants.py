@@ -12,6 +12,10 @@ import torch
 #   biggan256_G128 (N=16384, M=4096)        0.549  0.529  0.504  0.477  0.485  0.610  0.624 s
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
 # 8 MiB is fastest at both. Not measured on CUDA, where automatic choice takes the triton backend.
+# Re-measured with the (samples x rows) blocks of backends/torch_chunked.py at 2 threads (quiet,
+# load average below 1, 2026-12-02; interleaved rounds, medians of 7), fwd+bwd fastattn / naive,
+# block budget 2 / 4 / 8 MiB: biggan128_G B=6 0.71 / 0.66 / 0.64; studiogan64_G B=119 0.85 / 0.83 /
+# 0.83; sagan64_unpooled_G B=8 0.62 / 0.60 / 0.59: 8 MiB stays.
 TORCH_CHUNK_BYTES = 8 * 2**20
 # With one torch thread (fastattn bench's CPU default, and any job pinned to one core) the best
 # budget is smaller: one core's 2 MiB L2. Measured (benchmarks/tune_chunk.py's method, interleaved
