@@ -123,22 +123,20 @@ def spatial_attention(
         (float64 for float64 inputs, so that fp64 gradient checks stay exact). It is
         differentiable: d lse_i / d logit_ij is the attention probability.
     """
+    key = choice = None
     if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (scale is None or type(scale) is float) \
             and (backend is None or type(backend) is str) and not _is_compiling():
         key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
                q.device, k.device, v.device, scale, backend, env_backend(), registry_token())
         choice = _CHOICES.get(key)
-        if choice is None:
-            choice = _choose(q, k, v, scale, backend)
-            if choice is None:  # meta tensors
-                return _meta_attention(q, v, backend, _checked_return_lse(return_lse))
+    if choice is None:
+        choice = _choose(q, k, v, scale, backend)
+        if choice is None:  # meta tensors
+            return _meta_attention(q, v, backend, _checked_return_lse(return_lse))
+        if key is not None:
             if len(_CHOICES) >= _CHOICES_MAX:
                 _CHOICES.clear()
             _CHOICES[key] = choice
-    else:
-        choice = _choose(q, k, v, scale, backend)
-        if choice is None:
-            return _meta_attention(q, v, backend, _checked_return_lse(return_lse))
     chosen, scale = choice
     if return_lse is False:
         return chosen.attention_out(q, k, v, scale)

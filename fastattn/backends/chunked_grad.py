@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import constants
 from ..reference import accumulation_dtype
 
-__all__ = ["FirstOrderGrads", "first_order_grads", "second_order_grads"]
+__all__ = ["FirstOrderGrads", "attention_backward", "first_order_grads", "second_order_grads"]
 
 # first_order(grad_out, grad_lse) -> (dq, dk, dv): a backend's own non-differentiable backward
 # (closing over its saved statistics); entries whose `needs` is False may be None.
@@ -195,3 +195,14 @@ def first_order_grads(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor, 
     needs = tuple(bool(n) for n in needs)
     out = out.detach() if out is not None else None
     return FirstOrderGrads.apply(first_order, q, k, v, out, grad_out, grad_lse, float(scale), needs)
+
+
+def attention_backward(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor],
+                       grad_out: Optional[Tensor], grad_lse: Optional[Tensor], scale: float, needs) -> tuple:
+    """The backward of a backend's attention autograd.Function: first_order(grad_out, grad_lse)
+    with autocast off (the op picks its own precision), or, under create_graph=True, the same
+    values as FirstOrderGrads, differentiable without an N x M tensor (see first_order_grads)."""
+    if torch.is_grad_enabled():
+        return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, scale, needs)
+    with torch.autocast(q.device.type, enabled=False):
+        return first_order(grad_out, grad_lse)

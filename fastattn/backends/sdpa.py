@@ -61,7 +61,7 @@ class _SdpaAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        from .chunked_grad import first_order_grads
+        from .chunked_grad import attention_backward
         from .torch_chunked import chunked_backward
 
         q, k, v, q_t, k_t, v_t, out_t, lse = ctx.saved_tensors
@@ -79,10 +79,7 @@ class _SdpaAttention(torch.autograd.Function):
                 _token_major(grad_out), q_t, k_t, v_t, out_t, lse.unsqueeze(1), 0.0, False, scale=ctx.scale)
             return tuple(_channel_major(g) if need else None for g, need in zip((dq, dk, dv), needs))
 
-        if torch.is_grad_enabled():  # create_graph: the first backward as a differentiable op
-            return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None,)
-        with torch.autocast(q.device.type, enabled=False):
-            return first_order(grad_out, grad_lse) + (None,)
+        return attention_backward(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None,)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:

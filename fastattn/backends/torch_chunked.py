@@ -37,10 +37,16 @@ from torch import Tensor
 from .. import constants
 from ..dispatch import Backend
 from ..reference import accumulation_dtype
-from .chunked_grad import first_order_grads
+from .chunked_grad import attention_backward
 
 __all__ = ["TorchChunkedBackend", "chunked_attention", "chunked_out", "chunked_backward", "block_shape",
-           "chunk_budget"]
+           "chunk_budget", "matrix_bytes"]
+
+
+def matrix_bytes(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> tuple[int, int]:
+    """(bytes of one sample's (N, M) matrix, bytes of all B of them) in the accumulation dtype."""
+    per_sample = n_queries * n_keys * (8 if acc == torch.float64 else 4)
+    return per_sample, batch * per_sample
 
 
 def chunk_budget() -> int:
@@ -57,7 +63,7 @@ def block_shape(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> tu
     samples when that leaves at least TORCH_CHUNK_MIN_ROWS rows; otherwise up to that many rows
     (as many as one sample's budget allows) and as many samples as then fit."""
     budget = chunk_budget()
-    per_row = max(1, n_keys * (8 if acc == torch.float64 else 4))
+    per_row = max(1, matrix_bytes(1, 1, n_keys, acc)[0])
     rows = budget // (max(1, batch) * per_row)
     if rows >= min(n_queries, constants.TORCH_CHUNK_MIN_ROWS):
         return max(1, batch), max(1, min(n_queries, rows))
@@ -173,12 +179,10 @@ class _ChunkedAttention(torch.autograd.Function):
             grad_lse = None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        with _no_autocast(q.device):
-            if torch.is_grad_enabled():
-                def first_order(grad_out, grad_lse):
-                    return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs)
-                return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None, None)
-            return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None, None)
+
+        def first_order(grad_out, grad_lse):
+            return chunked_backward(q, k, v, out, grad_out, grad_lse, ctx.scale, needs)
+        return attention_backward(first_order, q, k, v, out, grad_out, grad_lse, ctx.scale, needs) + (None, None)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0,

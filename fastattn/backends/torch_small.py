@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .. import constants
 from ..reference import accumulation_dtype
-from .chunked_grad import first_order_grads
-from .torch_chunked import TorchChunkedBackend, chunk_budget, chunked_attention, chunked_out
+from .chunked_grad import attention_backward
+from .torch_chunked import TorchChunkedBackend, chunk_budget, chunked_attention, chunked_out, matrix_bytes
 
 __all__ = ["TorchBackend", "keeps_probabilities", "one_shot_inference", "kept_probs_attention", "kept_probs_out",
            "plain_autograd_out"]
@@ -29,9 +29,7 @@ def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtyp
     accumulation dtype fits in TORCH_KEEP_PROBS_BYTES, or each sample's matrix is at most
     TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES and the whole at most TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES
     (a fixed cap either way: never proportional to N x M beyond it)."""
-    element = 8 if acc == torch.float64 else 4
-    per_sample = n_queries * n_keys * element
-    total = batch * per_sample
+    per_sample, total = matrix_bytes(batch, n_queries, n_keys, acc)
     if total <= constants.TORCH_KEEP_PROBS_BYTES:
         return True
     return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
@@ -43,9 +41,7 @@ def one_shot_inference(batch: int, n_queries: int, n_keys: int, acc: torch.dtype
     than in blocks: when the (B, N, M) matrix would be one block anyway, or when its samples are
     tiny (TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES each, at most TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES
     in all), where blocks only split small matmuls further. Measured in constants.py."""
-    element = 8 if acc == torch.float64 else 4
-    per_sample = n_queries * n_keys * element
-    total = batch * per_sample
+    per_sample, total = matrix_bytes(batch, n_queries, n_keys, acc)
     if total <= chunk_budget():
         return True
     return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
@@ -110,15 +106,12 @@ class _KeptProbsAttention(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if grad_lse is not None and grad_lse.numel() == 0:  # lse was not computed (need_lse=False)
             grad_lse = None
-        if torch.is_grad_enabled():  # create_graph: the first backward as a differentiable op
-            if grad_out is None:
-                grad_out = q.new_zeros(q.shape[0], v.shape[1], q.shape[2])
+        if grad_out is None and torch.is_grad_enabled():  # create_graph: FirstOrderGrads wants a tensor
+            grad_out = q.new_zeros(q.shape[0], v.shape[1], q.shape[2])
 
-            def first_order(grad_out, grad_lse):
-                return _backward(q, k, v, p, grad_out, grad_lse, ctx.scale, needs)
-            return first_order_grads(first_order, q, k, v, None, grad_out, grad_lse, ctx.scale, needs) + (None, None)
-        with torch.autocast(q.device.type, enabled=False):
-            return _backward(q, k, v, p, grad_out, grad_lse, ctx.scale, needs) + (None, None)
+        def first_order(grad_out, grad_lse):
+            return _backward(q, k, v, p, grad_out, grad_lse, ctx.scale, needs)
+        return attention_backward(first_order, q, k, v, None, grad_out, grad_lse, ctx.scale, needs) + (None, None)
 
 
 def _backward(q, k, v, p, grad_out, grad_lse, scale, needs):
