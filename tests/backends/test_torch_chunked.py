@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from allocations import LargestTensor
 from fastattn import constants, spatial_attention
 from fastattn.reference import reference_attention
 from fastattn.shapes import gan_shapes
@@ -202,19 +202,6 @@ def test_r1_penalty_through_attention_matches_naive():
 
 
 # --- memory --------------------------------------------------------------------------------
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("N", [512, 2048])
 def test_no_intermediate_grows_with_n_times_m(N, monkeypatch):
     budget = 64 * 1024
@@ -225,11 +212,11 @@ def test_no_intermediate_grows_with_n_times_m(N, monkeypatch):
     q, k, v = make(1, 8, N, M, d_v, torch.float32, grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        with _LargestTensor() as mode:
+        with LargestTensor() as mode:
             out = torch_backend(q, k, v)
             out.backward(torch.ones_like(out))
     io_largest = max(t.numel() for t in (q, k, v, out))
-    assert mode.largest <= max(io_largest, budget // 4), (mode.largest, N * M)
+    assert mode.largest_numel <= max(io_largest, budget // 4), (mode.largest_numel, N * M)
     assert max(saved) <= io_largest  # nothing of size N x M saved for backward
 
 

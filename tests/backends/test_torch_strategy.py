@@ -3,8 +3,8 @@ recomputation above it) and the sdpa backend: correctness against fp64 under the
 the memory bound, declared capabilities, and forced backends never substituted."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from allocations import LargestTensor
 from fastattn import BackendUnavailableError, constants, spatial_attention
 from fastattn.backends.sdpa import SdpaBackend
 from fastattn.backends.torch_small import keeps_probabilities
@@ -68,30 +68,15 @@ def test_lse_its_gradient_and_double_backward_match_the_reference_in_fp64(backen
     torch.testing.assert_close(out, want_out)
 
 
-class _Allocations(TorchDispatchMode):
-    """Bytes of the largest tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 def _largest_and_saved(B, N, M):
     q, k, v = (t.requires_grad_() for t in _make(B, 8, N, M, 16, torch.float32)[:3])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                   lambda t: t):
-        with _Allocations() as mode:
+        with LargestTensor() as mode:
             out = spatial_attention(q, k, v, backend="torch")
             out.backward(torch.ones_like(out))
-    return mode.largest, max(saved)
+    return mode.largest_bytes, max(saved)
 
 
 def test_probabilities_are_kept_only_under_the_fixed_byte_budget(monkeypatch):
