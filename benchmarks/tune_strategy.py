@@ -1,8 +1,10 @@
 """Measure the torch backend's per-size strategy thresholds (fastattn/constants.py):
 TORCH_KEEP_PROBS_BYTES (kept probabilities vs chunked recomputation, by (B, N, M) fp32 bytes) and
-SDPA_AUTO_MIN_HEAD_DIM (PyTorch's CPU flash kernel vs the torch backend, by d_qk = d_v).
-Providers interleaved in one process, medians of REPEATS; prints ratios (time / time of chunked).
-    python benchmarks/tune_strategy.py [threads]
+SDPA_AUTO_MIN_HEAD_DIM (PyTorch's CPU flash kernel vs the torch backend, by d_qk = d_v), and
+the inference rule (one_shot_inference: an inference forward as three whole ops or in blocks).
+Providers interleaved in one process, medians of REPEATS; prints ratios (time / time of chunked,
+or time / naive time for the inference rule).
+    python benchmarks/tune_strategy.py [threads] [inference]
 """
 import statistics
 import sys
@@ -11,8 +13,9 @@ import time
 import torch
 
 from fastattn.backends.sdpa import sdpa_attention
-from fastattn.backends.torch_chunked import chunked_attention
+from fastattn.backends.torch_chunked import chunked_attention, chunked_out
 from fastattn.backends.torch_small import kept_probs_attention, kept_probs_out
+from fastattn.reference import reference_attention
 
 REPEATS = 7
 
@@ -39,9 +42,46 @@ def timed(fns, direction, q, k, v, g, scale):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def interleaved(fns, q, k, v, rounds=31):
+    """Inference forwards, medians of `rounds`; each round runs every provider, in an order that
+    alternates and rotates, so none always follows the same one (allocator and cache state)."""
+    inner = max(1, int(2e6 // (q.shape[0] * q.shape[2] * k.shape[2])))
+    names, times = list(fns), {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(q, k, v, 1.0)
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order[r % len(names):] + order[:r % len(names)]:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fns[name](q, k, v, 1.0)
+                times[name].append((time.perf_counter() - t0) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def inference_rule():
+    """one_shot_inference: whole (three ops, softmax in place) vs blocks, time / naive time."""
+    print("inference forward, time / naive time: whole (bmm, in-place softmax, bmm) and blocks:")
+    fns = {"naive": reference_attention, "whole": kept_probs_out, "blocks": chunked_out}
+    for site, B, d_qk, N, M, d_v in [("sagan64_unpooled_G", 1, 8, 1024, 1024, 64), ("sagan64_unpooled_G", 2, 8, 1024, 1024, 64),
+                                     ("sagan64_unpooled_G", 4, 8, 1024, 1024, 64), ("sagan64_unpooled_G", 8, 8, 1024, 1024, 64),
+                                     ("sagan128_G", 4, 32, 1024, 256, 128), ("sagan128_G", 8, 32, 1024, 256, 128),
+                                     ("sagan128_G", 16, 32, 1024, 256, 128), ("studiogan64_G", 8, 20, 1024, 256, 80),
+                                     ("biggan128_G", 1, 24, 4096, 1024, 96), ("biggan128_G", 2, 24, 4096, 1024, 96),
+                                     ("cifar_G", 64, 48, 256, 64, 192), ("cifar_G", 256, 48, 256, 64, 192)]:
+        q, k, v = torch.randn(B, d_qk, N), torch.randn(B, d_qk, M), torch.randn(B, d_v, M)
+        t = interleaved(fns, q, k, v)
+        print(f"  {site} B={B} ({B * N * M * 4 / 2**20:.0f} MiB): naive {t['naive'] * 1e3:.2f} ms, "
+              f"whole {t['whole'] / t['naive']:.2f}, blocks {t['blocks'] / t['naive']:.2f}", flush=True)
+
+
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    if sys.argv[2:] == ["inference"]:
+        inference_rule()
+        return
     chunked = lambda q, k, v, s: chunked_attention(q, k, v, s)[0]
     print("kept probabilities / chunked (fp32), by (B, N, M) bytes:")
     for B, d_qk, N, M, d_v in [(1, 48, 256, 64, 192), (16, 48, 256, 64, 192), (64, 48, 256, 64, 192),

@@ -70,12 +70,21 @@ DOUBLE_BACKWARD_CHUNK_BYTES = 8 * 2**20
 # Keeping wins up to 8 MiB everywhere and loses from 16 MiB, except where each sample's matrix is
 # tiny (CIFAR's 256 x 64 = 64 KiB: the chunked path then splits many tiny matmuls): there it wins
 # up to 16 MiB (B = 256), hence the second, per-sample rule.
-# An inference forward (no graph) has nothing to keep: it runs as three whole ops (bmm, softmax, bmm)
-# only when the matrix would be one block anyway or its samples are tiny (the small-sample rule
-# below), and in blocks otherwise (backends/torch_small.one_shot_inference). Measured side by side
-# (1 thread, load average about 1, 2026-12-02), fwd time / naive: sagan64_unpooled_G (1024x1024,
-# d 8/64) B=1 (4 MiB): whole 1.03, blocks 0.94; B=2 (8 MiB): 1.03, 0.89; cifar_G (256x64, d 48/192)
-# B=64 (4 MiB of 64 KiB samples): whole 0.97, blocks of 2 MiB 1.19 (blocks of 8 MiB 1.00).
+# An inference forward (no graph) follows the same rule: three whole ops (bmm, softmax in place on
+# the logits, bmm) where the matrix fits, blocks elsewhere (TorchBackend.out_runner). Measured side
+# by side with benchmarks/tune_strategy.py 1 inference (1 thread, quiet 2-core AMD EPYC VM, load
+# average 0.8, torch 2.13.0+cpu, 2026-12-02; providers interleaved in rotating order, medians of
+# 31), fwd time / naive time, whole / blocks of 2 MiB:
+#   sagan64_unpooled_G (1024x1024, d 8/64) B=1 4 MiB: 0.98 / 1.07   B=2 8 MiB: 0.97 / 0.96
+#                                          B=4 16 MiB: 0.66 / 0.69  B=8 32 MiB: 0.70 / 0.42
+#   sagan128_G (1024x256, d 32/128) B=4 4 MiB: 0.96 / 1.04   B=8 8 MiB: 0.98 / 1.02   B=16 16 MiB: 0.98 / 1.08
+#   studiogan64_G (1024x256, d 20/80) B=8 8 MiB: 0.97 / 0.95
+#   biggan128_G (4096x1024, d 24/96) B=1 16 MiB: 0.97 / 0.82   B=2 32 MiB: 0.73 / 0.45
+#   cifar_G (256x64, d 48/192) B=64 4 MiB: 1.00 / 1.25   B=256 16 MiB: 0.88 / 0.91
+# Whole is never slower than naive and wins or ties up to 8 MiB (and to 16 MiB of 64 KiB samples);
+# blocks win from 16-32 MiB of large samples. The earlier rule (whole only within one 2 MiB block)
+# measured sagan64 B=1-2 at 0.94-0.89 in blocks vs 1.03 whole on 2026-12-02 with an out-of-place
+# softmax, whose second (B, N, M) buffer the in-place softmax removed.
 TORCH_KEEP_PROBS_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES = 64 * 2**10
 TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from functools import partial
+from typing import Callable
 
 from torch import Tensor
 
@@ -58,6 +60,14 @@ class Backend(ABC):
         """Differentiable out alone, when the caller does not want lse: a backend may skip the
         work lse alone needs (the result must equal `attention(...)[0]`)."""
         return self.attention(q, k, v, scale)[0]
+
+    def out_runner(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """A function (q, k, v) -> attention_out(q, k, v, scale) for inputs of this signature
+        (shapes, strides, dtypes, devices) and the current torch thread count: spatial_attention
+        remembers it per signature, so a backend can decide its strategy once here instead of at
+        every call. What may change between calls of one signature (grad mode, requires_grad,
+        autocast) must still be read by the function itself."""
+        return partial(self.attention_out, scale=scale)
 
     def not_automatic(self, q: Tensor, k: Tensor, v: Tensor) -> list[str]:
         """Reasons automatic choice must pass this backend over even though it could run

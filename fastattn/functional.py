@@ -16,12 +16,16 @@ __all__ = ["spatial_attention", "validate_inputs", "resolve_scale", "clear_dispa
 # Per-call Python is a measurable share of a small call (a CIFAR-sized forward is ~0.1 ms on one
 # CPU thread, and validation plus automatic choice cost ~10 us of it). Both depend only on the
 # inputs' signature (type, shape, strides, dtype, device), the scale, the backend request and the
-# registered backends, so a call whose signature was seen before skips them. Strides are part of
-# the key because a backend's reasons may read them (Triton's int32 span check). Reasons read
-# from fastattn.constants are remembered with the choice: clear_dispatch_cache() after changing them.
+# registered backends, so a call whose signature was seen before skips them. With the torch thread
+# count in the key too, the backend's own strategy for the signature is remembered as well
+# (Backend.out_runner), so a repeated call runs its ops after one dictionary lookup. Strides are
+# part of the key because a backend's reasons may read them (Triton's int32 span check). Reasons
+# and strategies read from fastattn.constants are remembered with the choice:
+# clear_dispatch_cache() after changing them.
 _CHOICES: dict = {}
 _CHOICES_MAX = 1024
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_get_num_threads = torch.get_num_threads
 
 
 def clear_dispatch_cache() -> None:
@@ -127,7 +131,7 @@ def spatial_attention(
     if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (scale is None or type(scale) is float) \
             and (backend is None or type(backend) is str) and not _is_compiling():
         key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-               q.device, k.device, v.device, scale, backend, env_backend(), registry_token())
+               q.device, k.device, v.device, scale, backend, env_backend(), registry_token(), _get_num_threads())
         choice = _CHOICES.get(key)
     if choice is None:
         choice = _choose(q, k, v, scale, backend)
@@ -137,9 +141,9 @@ def spatial_attention(
             if len(_CHOICES) >= _CHOICES_MAX:
                 _CHOICES.clear()
             _CHOICES[key] = choice
-    chosen, scale = choice
     if return_lse is False:
-        return chosen.attention_out(q, k, v, scale)
+        return choice[2](q, k, v)
+    chosen, scale, _ = choice
     _checked_return_lse(return_lse)
     out, lse = chosen.attention(q, k, v, scale)
     return out, lse.to(accumulation_dtype(q.dtype))
@@ -152,12 +156,14 @@ def _checked_return_lse(return_lse) -> bool:
 
 
 def _choose(q: Tensor, k: Tensor, v: Tensor, scale, backend):
-    """Validate and choose: (backend, scale as a float), or None for meta tensors."""
+    """Validate and choose: (backend, scale as a float, the backend's out runner for this
+    signature), or None for meta tensors."""
     validate_inputs(q, k, v)
     scale = resolve_scale(scale, q.shape[1])
     if q.device.type == "meta":
         return None
-    return select_backend(q, k, v, backend), scale
+    chosen = select_backend(q, k, v, backend)
+    return chosen, scale, chosen.out_runner(q, k, v, scale)
 
 
 def _meta_attention(q: Tensor, v: Tensor, backend, return_lse: bool):

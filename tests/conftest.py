@@ -31,6 +31,18 @@ def _no_backend_override(monkeypatch):
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_choices():
+    """spatial_attention remembers its choice and strategy per input signature, decided with the
+    fastattn.constants of the moment; tests change those constants (monkeypatch), so each test
+    starts and ends with nothing remembered, as a user who changes them calls clear_dispatch_cache()."""
+    from fastattn.functional import clear_dispatch_cache
+
+    clear_dispatch_cache()
+    yield
+    clear_dispatch_cache()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: one thread is as fast as two on an idle machine and keeps the

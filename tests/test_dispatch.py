@@ -8,6 +8,7 @@ import torch
 from fastattn import BackendUnavailableError, spatial_attention
 from fastattn import dispatch
 from fastattn.dispatch import Backend, available_backends, select_backend
+from fastattn.reference import reference_attention
 
 
 def qkv():
@@ -150,6 +151,63 @@ def test_a_seen_signature_skips_validation_and_choice_but_a_new_one_does_not(mon
     clear_dispatch_cache()
     spatial_attention(q, k, v)
     assert counting.asked == 5
+
+
+class _Planning(Backend):
+    """Counts how often spatial_attention asks it for an out runner (the per-signature strategy)."""
+    name, priority = "planning", 50_000
+
+    def __init__(self):
+        self.planned = 0
+
+    def unsupported(self, q, k, v):
+        return []
+
+    def attention(self, q, k, v, scale):
+        return available_backends()["torch"].attention(q, k, v, scale)
+
+    def out_runner(self, q, k, v, scale):
+        self.planned += 1
+        return super().out_runner(q, k, v, scale)
+
+
+def test_the_strategy_is_planned_once_per_signature_and_thread_count(monkeypatch):
+    planning = _Planning()
+    monkeypatch.setattr(dispatch, "_REGISTRY", {**dispatch._REGISTRY, "planning": planning})
+    q, k, v = qkv()
+    want = spatial_attention(q, k, v, backend="torch")
+    for _ in range(3):
+        torch.testing.assert_close(spatial_attention(q, k, v), want)
+    assert planning.planned == 1
+    spatial_attention(q, k, v, return_lse=True)  # (out, lse) takes attention(), no runner
+    assert planning.planned == 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # a backend may plan by thread count (block budgets)
+        spatial_attention(q, k, v)
+        assert planning.planned == 2
+    finally:
+        torch.set_num_threads(threads)
+    spatial_attention(q, k, v)
+    assert planning.planned == 2
+
+
+def test_a_remembered_torch_strategy_follows_grad_mode_and_requires_grad():
+    q, k, v = qkv()
+    want = reference_attention(q, k, v)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    wanted = torch.autograd.grad(reference_attention(*ref_leaves).sum(), ref_leaves)
+    for _ in range(2):
+        with torch.no_grad():
+            assert spatial_attention(q, k, v).grad_fn is None
+        plain = spatial_attention(q, k, v)
+        assert plain.grad_fn is None  # no input requires grad: no graph either
+        torch.testing.assert_close(plain, want)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = spatial_attention(*leaves)
+        assert out.grad_fn is not None
+        for g, w in zip(torch.autograd.grad(out.sum(), leaves), wanted):
+            torch.testing.assert_close(g, w)
 
 
 def test_the_remembered_choice_follows_the_registry_and_the_environment(monkeypatch):

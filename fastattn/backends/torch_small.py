@@ -6,6 +6,8 @@ it: at such sizes each op is microseconds and the chunked path's extra logits ma
 and per-chunk Python are what a step spends. This path computes the logits once, takes torch's
 fused softmax, saves the probabilities for the backward and differentiates them with the fused
 softmax backward: the naive layer's arithmetic, as one autograd node, in fp32 accumulation.
+An inference forward (no graph) of such a size is the same three ops with the softmax in place on
+the logits: one (B, N, M) buffer where the naive layer allocates two.
 
 Everything larger goes to the chunked path (torch_chunked.py), whose working memory is bounded.
 Double backward (create_graph) goes to chunked_grad.FirstOrderGrads (chunked recomputation).
@@ -18,9 +20,9 @@ from torch import Tensor
 from .. import constants
 from ..reference import accumulation_dtype
 from .chunked_grad import attention_backward
-from .torch_chunked import TorchChunkedBackend, chunk_budget, chunked_attention, chunked_out, matrix_bytes
+from .torch_chunked import TorchChunkedBackend, chunked_attention, chunked_out, matrix_bytes
 
-__all__ = ["TorchBackend", "keeps_probabilities", "one_shot_inference", "kept_probs_attention", "kept_probs_out",
+__all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out",
            "plain_autograd_out"]
 
 
@@ -31,18 +33,6 @@ def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtyp
     (a fixed cap either way: never proportional to N x M beyond it)."""
     per_sample, total = matrix_bytes(batch, n_queries, n_keys, acc)
     if total <= constants.TORCH_KEEP_PROBS_BYTES:
-        return True
-    return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
-            and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
-
-
-def one_shot_inference(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
-    """Whether an inference forward (no graph) runs as three whole ops (bmm, softmax, bmm) rather
-    than in blocks: when the (B, N, M) matrix would be one block anyway, or when its samples are
-    tiny (TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES each, at most TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES
-    in all), where blocks only split small matmuls further. Measured in constants.py."""
-    per_sample, total = matrix_bytes(batch, n_queries, n_keys, acc)
-    if total <= chunk_budget():
         return True
     return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
             and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
@@ -60,10 +50,22 @@ def _logits(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
 
 
 def kept_probs_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """out alone, no graph (inference forward without return_lse): three fused ops."""
+    """out alone, no graph (inference forward without return_lse): three fused ops, the softmax
+    in place on the logits (one (B, N, M) buffer, where the naive layer allocates two)."""
     acc = accumulation_dtype(q.dtype)
-    p = torch.softmax(_logits(q, k, scale, acc), dim=-1)
+    p = _logits(q, k, scale, acc)
+    torch._softmax(p, -1, False, out=p)
     return _to(torch.bmm(_to(v, acc), p.transpose(1, 2)), q.dtype)
+
+
+def _kept_probs_out_acc(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """kept_probs_out for inputs already in their accumulation dtype (fp32, fp64): the same
+    ops without the dtype checks, which are a measurable share of a 0.1 ms call."""
+    p = torch.bmm(q.transpose(1, 2), k)
+    if scale != 1.0:
+        p.mul_(scale)
+    torch._softmax(p, -1, False, out=p)
+    return torch.bmm(v, p.transpose(1, 2))
 
 
 def _autocast_may_be_on(device_type: str) -> bool:
@@ -89,11 +91,10 @@ class _KeptProbsAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, need_lse):
         with torch.autocast(q.device.type, enabled=False):
             acc = accumulation_dtype(q.dtype)
-            logits = _logits(q, k, scale, acc)
+            p = _logits(q, k, scale, acc)
             # the log-sum-exp is one more pass over the (B, N, M) logits: only when asked for
-            lse = torch.logsumexp(logits, dim=-1) if need_lse else logits.new_empty(0)
-            p = torch.softmax(logits, dim=-1)
-            del logits
+            lse = torch.logsumexp(p, dim=-1) if need_lse else p.new_empty(0)
+            torch._softmax(p, -1, False, out=p)  # in place: the logits are not needed again
             out = torch.bmm(v.to(acc), p.transpose(1, 2)).to(q.dtype)
         ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
@@ -157,15 +158,34 @@ class TorchBackend(TorchChunkedBackend):
         return chunked_attention(q, k, v, scale)
 
     def attention_out(self, q, k, v, scale):
+        return self.out_runner(q, k, v, scale)(q, k, v)
+
+    def out_runner(self, q, k, v, scale):
+        """The strategy for this signature, decided once. Where the (B, N, M) matrix fits the
+        kept-probabilities budget (keeps_probabilities), an inference forward (no graph) is three
+        whole ops and a training forward keeps the probabilities (torch's own autograd at tiny
+        sizes, unless autocast may be on); elsewhere both run in blocks."""
         acc = accumulation_dtype(q.dtype)
         batch, n_queries, n_keys = q.shape[0], q.shape[2], k.shape[2]
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            if one_shot_inference(batch, n_queries, n_keys, acc):
-                return kept_probs_out(q, k, v, scale)
-            return chunked_out(q, k, v, scale)
-        if not keeps_probabilities(batch, n_queries, n_keys, acc):
-            return chunked_attention(q, k, v, scale, need_lse=False)[0]
-        if acc == q.dtype and batch * n_queries * n_keys * q.element_size() <= constants.TORCH_PLAIN_AUTOGRAD_BYTES \
-                and not _autocast_may_be_on(q.device.type):
-            return plain_autograd_out(q, k, v, scale)
-        return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
+        whole = keeps_probabilities(batch, n_queries, n_keys, acc)
+        if whole:
+            infer = _kept_probs_out_acc if acc == q.dtype else kept_probs_out
+        else:
+            infer = chunked_out
+        if not whole:
+            def train(q, k, v, scale):
+                return chunked_attention(q, k, v, scale, need_lse=False)[0]
+        elif acc == q.dtype and batch * n_queries * n_keys * q.element_size() <= constants.TORCH_PLAIN_AUTOGRAD_BYTES:
+            def train(q, k, v, scale):
+                if _autocast_may_be_on(q.device.type):
+                    return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
+                return plain_autograd_out(q, k, v, scale)
+        else:
+            def train(q, k, v, scale):
+                return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
+
+        def run(q, k, v):
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return train(q, k, v, scale)
+            return infer(q, k, v, scale)
+        return run

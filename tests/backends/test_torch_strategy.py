@@ -91,6 +91,43 @@ def test_probabilities_are_kept_only_under_the_fixed_byte_budget(monkeypatch):
     assert saved < 256 * 256 * 4 and largest <= max(budget // 4, 4 * 16 * 256 * 4)  # io-sized or a chunk
 
 
+class _MatrixAllocations(LargestTensor):
+    """Also collects the distinct buffers of `numel` elements that ops return (a view or an
+    out= result is the buffer it shares); `count` is how many there were."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.buffers = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.buffers |= {t.untyped_storage().data_ptr() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                         if isinstance(t, torch.Tensor) and t.numel() == self.numel}
+        return out
+
+    @property
+    def count(self):
+        return len(self.buffers)
+
+
+def test_an_inference_forward_holds_one_matrix_where_the_naive_layer_holds_two_and_blocks_above_the_budget():
+    B, N, M = 2, 96, 40
+    q, k, v = _make(B, 8, N, M, 24, torch.float32)[:3]
+    assert keeps_probabilities(B, N, M, torch.float32)
+    with torch.no_grad():
+        with _MatrixAllocations(B * N * M) as naive:
+            want = reference_attention(q, k, v)
+        with _MatrixAllocations(B * N * M) as ours:
+            got = spatial_attention(q, k, v, backend="torch")
+    assert (naive.count, ours.count) == (2, 1)  # logits and probabilities vs one, softmax in place
+    assert torch.equal(got, want)  # the same three ops: bit for bit
+    big = _make(4, 8, 1024, 1024, 16, torch.float32)[:3]  # 16 MiB of 4 MiB samples: over the budget
+    assert not keeps_probabilities(4, 1024, 1024, torch.float32)
+    with torch.no_grad(), LargestTensor() as blocked:
+        spatial_attention(*big, backend="torch")
+    assert blocked.largest_bytes <= constants.TORCH_CHUNK_BYTES
+
+
 def test_many_tiny_samples_are_kept_up_to_the_second_fixed_cap():
     assert keeps_probabilities(256, 256, 64, torch.float32)  # CIFAR G at B=256: 16 MiB of 64 KiB samples
     assert not keeps_probabilities(257, 256, 64, torch.float32)
