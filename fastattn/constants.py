@@ -177,6 +177,12 @@ BENCH_REGRESSION_RATIO = 2.4
 # q75/q25 p90 above is 1.20 (spread ~0.2) at 2 threads, ~0.1 at 1 thread; flag what is worse.
 BENCH_STABLE_SPREAD = 0.10
 BENCH_MAX_TIME_FACTOR = 4
+# Most timed repeats per case on a CPU (--repeats). The minimum time (0.5 s) is what decides how
+# long a case is timed; this cap only keeps a sub-microsecond case finite. The earlier cap of 10
+# ended a 0.1 ms case (cifar_G, B=1) after 1 ms of samples, well before its minimum time, and its
+# ratios then moved by several percent between runs (quick preset fwd / naive 1.04-1.11 over three
+# runs on 2026-12-02, quiet 2-core EPYC). 2000 repeats of a 0.1 ms call take 0.2 s.
+BENCH_CPU_MAX_REPEATS = 2000
 # Torch threads `fastattn bench` uses on a CPU unless --threads says otherwise. On the shared 2-core
 # dev VM (load average 5-9 from other jobs, 2026-11-22), with 2 threads OpenMP's threads wait for
 # each other at every op and millisecond cases became bimodal: CIFAR G (B=1) naive forward 3.6 ms at

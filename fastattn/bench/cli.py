@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=POSITIVE_INT, help="use this batch size for every site")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--repeats", type=POSITIVE_INT, default=None,
-                   help="most timed repeats per case (default 10 on CPU, 100 on CUDA)")
+                   help="most timed repeats per case (default BENCH_CPU_MAX_REPEATS = 2000 on CPU, 100 on CUDA); "
+                        "--min-time decides how long a case is timed below that")
     p.add_argument("--min-repeats", type=POSITIVE_INT, default=3)
     p.add_argument("--min-time", type=SECONDS, default=None,
                    help="keep repeating until this many seconds are spent (default 0.5 CPU, 0.2 CUDA)")
@@ -264,7 +265,9 @@ def _prepare(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats is None:
-        args.repeats = 100 if device.type == "cuda" else 10
+        from ..constants import BENCH_CPU_MAX_REPEATS
+
+        args.repeats = 100 if device.type == "cuda" else BENCH_CPU_MAX_REPEATS
     args.min_repeats = min(args.min_repeats, args.repeats)
     if args.min_time is None:
         args.min_time = 0.2 if device.type == "cuda" else 0.5
