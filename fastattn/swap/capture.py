@@ -44,51 +44,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .torch_calls import (CAST, CONTRACT, DIV, META_METHODS, META_PROPS, MUL, PERMUTE, SDPA, SOFTMAX, VIEW, WHAT,
+                          constant_scalar, contraction_operands, contraction_roles, fold, func_name, int_dim,
+                          property_name, result_dtype)
+
 __all__ = ["AttentionCapture", "Plan", "analyse", "materialise_outputs"]
-
-T = torch.Tensor
-_CONTRACT = {torch.bmm: "bmm", T.bmm: "bmm", torch.matmul: "matmul", T.matmul: "matmul",
-             T.__matmul__: "matmul", T.__rmatmul__: "rmatmul", torch.einsum: "einsum",
-             torch.mm: "bmm2", T.mm: "bmm2"}
-_SOFTMAX = {F.softmax: 1, torch.softmax: 1, T.softmax: 1, torch.special.softmax: 1}
-_SDPA = F.scaled_dot_product_attention
-_MUL = {torch.mul: "mul", T.mul: "mul", T.__mul__: "mul", T.__rmul__: "mul", torch.multiply: "mul",
-        T.mul_: "imul", T.__imul__: "imul"}
-_DIV = {torch.div: "div", T.div: "div", T.__truediv__: "div", torch.true_divide: "div",
-        T.div_: "idiv", T.__itruediv__: "idiv"}
-_VIEW = {T.view: "view", T.reshape: "view", torch.reshape: "view", T.flatten: "view",
-         torch.flatten: "view", T.unflatten: "view", torch.unflatten: "view", T.view_as: "view",
-         T.reshape_as: "view", T.contiguous: "same", T.clone: "same", torch.clone: "same"}
-_PERMUTE = {T.permute: "permute", torch.permute: "permute", T.transpose: "transpose",
-            torch.transpose: "transpose", T.swapaxes: "transpose", T.swapdims: "transpose",
-            torch.swapaxes: "transpose", torch.swapdims: "transpose"}
-_CAST = {T.float: torch.float32, T.double: torch.float64, T.half: torch.float16,
-         T.bfloat16: torch.bfloat16, T.to: None, T.type: None, T.type_as: None}
-_META_METHODS = {T.size, T.dim, T.numel, T.nelement, T.ndimension, T.stride, T.is_contiguous,
-                 T.is_floating_point, T.element_size, T.get_device, T.__len__}
-_META_PROPS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout",
-               "is_leaf", "is_sparse", "is_quantized", "is_meta", "names"}
-_WHAT = {"add": "an extra term is added to", "__add__": "an extra term is added to",
-         "__radd__": "an extra term is added to", "add_": "an extra term is added to",
-         "__iadd__": "an extra term is added to", "sub": "a term is subtracted from",
-         "__sub__": "a term is subtracted from", "masked_fill": "a mask is applied to",
-         "masked_fill_": "a mask is applied to", "where": "a mask (torch.where) is applied to",
-         "dropout": "dropout is applied to", "__mul__": "a tensor multiplies",
-         "mul": "a tensor multiplies"}
-
-
-def _name(func) -> str:
-    if getattr(func, "__name__", "") == "__get__":
-        return getattr(getattr(func, "__self__", None), "__name__", "?")
-    return getattr(func, "__name__", repr(func))
-
-
-def _prop(func) -> str | None:
-    """The property name when func is a Tensor property getter (`t.shape`), else None."""
-    if getattr(func, "__name__", "") == "__get__":
-        return getattr(getattr(func, "__self__", None), "__name__", None)
-    return None
-
 
 @dataclass
 class _Lazy:
@@ -135,103 +95,6 @@ def _materialise(lazy: _Lazy) -> Tensor:
         base = [*range(len(lazy.batch)), "n", "m"]
         lazy.value = logits.permute([base.index(a) for a in lazy.axes])
     return lazy.value
-
-
-def _result_dtype(device: torch.device, *dtypes) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
-
-
-def _einsum_labels(equation: str, operands) -> tuple | None:
-    eq = equation.replace(" ", "")
-    lhs, _, rhs = eq.partition("->")
-    terms = lhs.split(",")
-    if len(terms) != 2 or len(operands) != 2:
-        return None
-    labels, n_ellipsis = [], 0
-    for term, op in zip(terms, operands):
-        named = term.replace("...", "")
-        if "..." in term:
-            n_ellipsis = op.dim() - len(named)
-            head, _, tail = term.partition("...")
-            labels.append([*head, *[f".{i}" for i in range(n_ellipsis)], *tail])
-        else:
-            labels.append(list(term))
-        if len(labels[-1]) != op.dim():
-            return None
-    if "->" not in eq:
-        flat = labels[0] + labels[1]
-        out = [f".{i}" for i in range(n_ellipsis)] + sorted(
-            l for l in set(flat) if flat.count(l) == 1 and not l.startswith("."))
-    else:
-        head, _, tail = rhs.partition("...")
-        out = [*head, *[f".{i}" for i in range(n_ellipsis if "..." in rhs else 0)], *tail]
-    return labels[0], labels[1], out
-
-
-def _contraction(kind: str, args, kwargs) -> tuple | None:
-    """(a, b, labels of a, of b, of the output) for a two-operand contraction call, else None."""
-    if kwargs and kind != "einsum":
-        return None
-    if kind == "einsum":
-        ops = args[1:] if len(args) > 2 else (list(args[1]) if len(args) == 2 else [])
-        if len(ops) != 2 or not all(isinstance(o, Tensor) for o in ops):
-            return None
-        labels = _einsum_labels(args[0], ops)
-        return None if labels is None else (ops[0], ops[1], *labels)
-    a, b = (args[1], args[0]) if kind == "rmatmul" else (args[0], args[1])
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.dim() != b.dim() or a.dim() < 2:
-        return None
-    if kind == "bmm" and a.dim() != 3 or kind == "bmm2" and a.dim() != 2:
-        return None
-    batch = [f".{i}" for i in range(a.dim() - 2)]
-    if tuple(a.shape[:-2]) != tuple(b.shape[:-2]):
-        return None
-    return a, b, [*batch, "i", "j"], [*batch, "j", "k"], [*batch, "i", "k"]
-
-
-def _roles(la, lb, lo):
-    """(batch labels in output order, contracted, a-only, b-only) or None when the contraction is
-    not one batch-matmul (a label in one operand only and not in the output, a repeated label)."""
-    if len(set(la)) != len(la) or len(set(lb)) != len(lb) or len(set(lo)) != len(lo):
-        return None
-    if any(l not in la and l not in lb for l in lo):
-        return None
-    if any(l not in lo and l not in lb for l in la) or any(l not in lo and l not in la for l in lb):
-        return None
-    batch = [l for l in lo if l in la and l in lb]
-    contracted = [l for l in la if l in lb and l not in lo]
-    a_only = [l for l in la if l not in lb]
-    b_only = [l for l in lb if l not in la]
-    return batch, contracted, a_only, b_only
-
-
-def _fold(t: Tensor, labels, batch, mid: str, last: str) -> Tensor:
-    """t permuted to (batch..., mid, last) and folded to (prod(batch), |mid|, |last|)."""
-    order = [labels.index(l) for l in batch] + [labels.index(mid), labels.index(last)]
-    t = t.permute(order)
-    return t.reshape(-1, t.shape[-2], t.shape[-1])
-
-
-def _int_dim(dim, ndim: int) -> int | None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
-        return None
-    return dim % ndim
-
-
-def _scalar(value) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad \
-            and value.is_floating_point():
-        return float(value)
-    return None
 
 
 @dataclass
@@ -304,19 +167,19 @@ class AttentionCapture(TorchFunctionMode):
         kwargs = kwargs or {}
         leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
         lazies = [lz for lz in (self._lazy_of(a) for a in leaves) if lz is not None]
-        if func in _CONTRACT or func is _SDPA:
-            if func is _SDPA:
+        if func in CONTRACT or func is SDPA:
+            if func is SDPA:
                 return self._sdpa(args, kwargs)
-            return self._contract(func, _CONTRACT[func], args, kwargs, lazies)
+            return self._contract(func, CONTRACT[func], args, kwargs, lazies)
         if lazies:
             handled = self._on_lazy(func, args, kwargs, lazies[0]) if len(lazies) == 1 else None
             if handled is not None:
                 return handled
             return self._run_materialised(func, args, kwargs)
-        if self.cores is None and self.tainted and func in _SOFTMAX:
+        if self.cores is None and self.tainted and func in SOFTMAX:
             taint = self._taint_of(args[0] if args else kwargs.get("input"))
             if taint is not None and taint[1] == "logits":
-                self.reasons.append(f"{_WHAT.get(taint[2], f'{taint[2]} is applied to')} the logits "
+                self.reasons.append(f"{WHAT.get(taint[2], f'{taint[2]} is applied to')} the logits "
                                     "before the softmax")
         result = func(*args, **kwargs)
         if self.cores is None and self.tainted:
@@ -328,7 +191,7 @@ class AttentionCapture(TorchFunctionMode):
         return result
 
     def _run_materialised(self, func, args, kwargs):
-        name = _name(func)
+        name = func_name(func)
         stages = []
 
         def real(value):
@@ -352,13 +215,13 @@ class AttentionCapture(TorchFunctionMode):
 
     # -- ops on a placeholder -------------------------------------------------------------------
     def _on_lazy(self, func, args, kwargs, lazy: _Lazy):
-        prop = _prop(func)
-        if func in _META_METHODS or prop in _META_PROPS:
+        prop = property_name(func)
+        if func in META_METHODS or prop in META_PROPS:
             return func(*args, **kwargs)
         src = args[0] if args else None
         if self._lazy_of(src) is not lazy:  # the placeholder is not the subject
-            if func in _MUL and len(args) == 2 and self._lazy_of(args[1]) is lazy and lazy.key is None:
-                factor = _scalar(args[0])
+            if func in MUL and len(args) == 2 and self._lazy_of(args[1]) is lazy and lazy.key is None:
+                factor = constant_scalar(args[0])
                 if factor is not None:
                     return self._new(lazy.copy(scale=lazy.scale * factor))
             return None
@@ -367,10 +230,10 @@ class AttentionCapture(TorchFunctionMode):
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             training = kwargs.get("training", args[2] if len(args) > 2 else True)
             return self._new(lazy.copy()) if p == 0 or not training else None
-        if func in _SOFTMAX:
+        if func in SOFTMAX:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             dtype = kwargs.get("dtype", None)
-            dim_n = _int_dim(dim, ndim)
+            dim_n = int_dim(dim, ndim)
             if lazy.key is not None or dim_n is None or not isinstance(lazy.axes[dim_n], str):
                 if self.cores is None and dim_n is not None and lazy.key is None:
                     self.reasons.append("the softmax runs over a batch or head axis, not over keys "
@@ -379,31 +242,31 @@ class AttentionCapture(TorchFunctionMode):
             self.softmax_seen = True
             return self._new(lazy.copy(key=lazy.axes[dim_n], softmax_dim=dim,
                                        dtype=dtype if dtype is not None else lazy.dtype))
-        if func in _MUL or func in _DIV:
+        if func in MUL or func in DIV:
             if lazy.key is not None or len(args) != 2 or kwargs:
                 return None
-            factor = _scalar(args[1])
+            factor = constant_scalar(args[1])
             if factor is None or factor == 0.0:
                 return None
-            kind = _MUL.get(func) or _DIV.get(func)
+            kind = MUL.get(func) or DIV.get(func)
             scale = lazy.scale * factor if kind in ("mul", "imul") else lazy.scale / factor
             if kind in ("imul", "idiv"):
                 lazy.scale = scale
                 return src
             return self._new(lazy.copy(scale=scale))
-        if func in _PERMUTE:
-            if _PERMUTE[func] == "permute":
+        if func in PERMUTE:
+            if PERMUTE[func] == "permute":
                 dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) \
                     else (args[1] if len(args) > 1 else kwargs.get("dims"))
             else:
                 perm = list(range(ndim))
                 d0, d1 = (args[1], args[2]) if len(args) == 3 else (None, None)
-                d0, d1 = _int_dim(d0, ndim), _int_dim(d1, ndim)
+                d0, d1 = int_dim(d0, ndim), int_dim(d1, ndim)
                 if d0 is None or d1 is None:
                     return None
                 perm[d0], perm[d1] = perm[d1], perm[d0]
                 dims = perm
-            dims = [_int_dim(d, ndim) for d in dims]
+            dims = [int_dim(d, ndim) for d in dims]
             if None in dims or sorted(dims) != list(range(ndim)):
                 return None
             return self._new(lazy.copy(axes=tuple(lazy.axes[d] for d in dims)))
@@ -413,18 +276,18 @@ class AttentionCapture(TorchFunctionMode):
             perm = list(range(ndim))
             perm[-1], perm[-2] = perm[-2], perm[-1]
             return self._new(lazy.copy(axes=tuple(lazy.axes[d] for d in perm)))
-        if func in _VIEW:
-            if _VIEW[func] == "same":
+        if func in VIEW:
+            if VIEW[func] == "same":
                 return self._new(lazy.copy()) if not kwargs else None
             if any(isinstance(a, torch.dtype) for a in args[1:]):
                 return None
             shape = tuple(func(*args, **kwargs).shape)
             return self._regroup(lazy, shape)
-        if func in _CAST:
-            dtype = _CAST[func]
+        if func in CAST:
+            dtype = CAST[func]
             if dtype is None:
                 rest = [*args[1:], *kwargs.values()]
-                if func is T.type_as and len(args) == 2 and isinstance(args[1], Tensor):
+                if func is Tensor.type_as and len(args) == 2 and isinstance(args[1], Tensor):
                     dtype = args[1].dtype
                 elif len(rest) == 1 and isinstance(rest[0], torch.dtype):
                     dtype = rest[0]
@@ -450,12 +313,12 @@ class AttentionCapture(TorchFunctionMode):
 
     # -- contractions -----------------------------------------------------------------------------
     def _contract(self, func, kind, args, kwargs, lazies):
-        parsed = _contraction(kind, args, kwargs)
+        parsed = contraction_operands(kind, args, kwargs)
         index = self.calls  # every contraction counts, lazy operands or not, in both flavours
         self.calls += 1
         if lazies:
             if parsed is not None and len(lazies) == 1 and lazies[0].key is not None:
-                out = self._resolve(parsed, lazies[0], _name(func))
+                out = self._resolve(parsed, lazies[0], func_name(func))
                 if out is not None:
                     return out
             return self._run_materialised(func, args, kwargs)
@@ -464,7 +327,7 @@ class AttentionCapture(TorchFunctionMode):
             for operand in parsed[:2]:
                 taint = taint or self._taint_of(operand)
             if taint is not None and taint[1] == "attention":
-                self.reasons.append(f"{_WHAT.get(taint[2], f'{taint[2]} is applied to')} the "
+                self.reasons.append(f"{WHAT.get(taint[2], f'{taint[2]} is applied to')} the "
                                     "attention map before the contraction with v")
         wanted = self.cores is None or index in self.cores
         if wanted and parsed is not None:
@@ -477,7 +340,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def _logits(self, index, parsed) -> _Lazy | None:
         a, b, la, lb, lo = parsed
-        roles = _roles(la, lb, lo)
+        roles = contraction_roles(la, lb, lo)
         if roles is None or not a.is_floating_point() or not b.is_floating_point():
             return None
         batch, contracted, a_only, b_only = roles
@@ -485,17 +348,17 @@ class AttentionCapture(TorchFunctionMode):
             return None
         if any(a.shape[la.index(l)] != b.shape[lb.index(l)] for l in batch + contracted):
             return None
-        q = _fold(a, la, batch, contracted[0], a_only[0])
-        k = _fold(b, lb, batch, contracted[0], b_only[0])
+        q = fold(a, la, batch, contracted[0], a_only[0])
+        k = fold(b, lb, batch, contracted[0], b_only[0])
         axes = tuple(batch.index(l) if l in batch else ("n" if l == a_only[0] else "m") for l in lo)
         return _Lazy(index, q, k, tuple(a.shape[la.index(l)] for l in batch), axes,
-                     _result_dtype(a.device, a.dtype, b.dtype))
+                     result_dtype(a.device, a.dtype, b.dtype))
 
     def _resolve(self, parsed, lazy: _Lazy, op: str):
         a, b, la, lb, lo = parsed
         lazy_is_a = self._lazy_of(a) is lazy
         lp, lv, v = (la, lb, b) if lazy_is_a else (lb, la, a)
-        roles = _roles(la, lb, lo)
+        roles = contraction_roles(la, lb, lo)
         if roles is None or not v.is_floating_point():
             return None
         axis = dict(zip(lp, lazy.axes))
@@ -515,7 +378,7 @@ class AttentionCapture(TorchFunctionMode):
         if any(v.shape[lv.index(l)] != lazy.batch[axis[l]] for l in batch_by_axis):
             return None
         q, k = (lazy.q, lazy.k) if lazy.key == "m" else (lazy.k, lazy.q)
-        vf = _fold(v, lv, batch_by_axis, v_only[0], key_label)
+        vf = fold(v, lv, batch_by_axis, v_only[0], key_label)
         if vf.shape[0] != q.shape[0] or vf.shape[2] != k.shape[2]:
             return None
         out = self._attend(q, k, vf, lazy.scale)
@@ -524,7 +387,7 @@ class AttentionCapture(TorchFunctionMode):
         out = out.reshape(*lazy.batch, *out.shape[1:])
         have = [*batch_by_axis, v_only[0], query_label]
         out = out.permute([have.index(l) for l in lo])
-        out = out.to(_result_dtype(v.device, v.dtype, lazy.dtype))
+        out = out.to(result_dtype(v.device, v.dtype, lazy.dtype))
         self.hits += 1
         if self.cores is None:
             self.found.append(Core(lazy.root, op, q.shape[1], vf.shape[1], q.shape[2], k.shape[2],
@@ -571,14 +434,14 @@ class AttentionCapture(TorchFunctionMode):
             args, kwargs = pytree.tree_map(
                 lambda t: _materialise(self._lazy_of(t)) if self._lazy_of(t) is not None else t,
                 (args, kwargs))
-            return _SDPA(*args, **kwargs)
+            return SDPA(*args, **kwargs)
         scale = bound.get("scale")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         batch = tuple(q.shape[:-2])
         qf, kf, vf = (t.reshape(-1, *t.shape[-2:]).transpose(1, 2) for t in (q, k, v))
         out = self._attend(qf, kf, vf, scale)  # (B', Ev, L)
         out = out.transpose(1, 2).reshape(*batch, q.shape[-2], v.shape[-1])
-        out = out.to(_result_dtype(q.device, q.dtype, k.dtype, v.dtype))
+        out = out.to(result_dtype(q.device, q.dtype, k.dtype, v.dtype))
         self.hits += 1
         if self.cores is None:
             self.found.append(Core(index, "F.scaled_dot_product_attention", q.shape[-1], v.shape[-1],

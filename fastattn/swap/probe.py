@@ -29,10 +29,10 @@ from .capture import AttentionCapture, analyse
 from .families import AttentionFamily, forward_signature
 from .forward import run_family
 
-__all__ = ["probe", "capture_and_probe"]
+__all__ = ["probe", "capture_and_probe", "deepcopy_detached"]
 
 
-def _deepcopy_detached(module: nn.Module) -> nn.Module:
+def deepcopy_detached(module: nn.Module) -> nn.Module:
     """copy.deepcopy(module), with every non-leaf tensor held as a module attribute copied
     detached. torch's hook-style spectral norm (torch.nn.utils.spectral_norm) leaves its
     computed `weight` on the conv as a plain attribute; after a forward with grad enabled that
@@ -120,7 +120,7 @@ def _zero_scalars_set(module: nn.Module) -> nn.Module:
 
 
 def _fresh(module: nn.Module, training: bool, scalar: str | None = None) -> nn.Module:
-    copy_ = _deepcopy_detached(module)
+    copy_ = deepcopy_detached(module)
     if scalar is not None:
         with torch.no_grad():
             getattr(copy_, scalar).fill_(SWAP_PROBE_SCALAR)
@@ -198,7 +198,7 @@ def probe(module: nn.Module, family: AttentionFamily) -> tuple[str | None, float
     if scalar.device.type == "meta":
         return None, None
     try:
-        _deepcopy_detached(module)
+        deepcopy_detached(module)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot check
         return (f"could not be copied to verify it ({type(error).__name__}: {error}); pass "
                 "verify=False to swap unchecked"), None
@@ -261,7 +261,7 @@ def capture_and_probe(module: nn.Module, backend: str | None = None):
     if device.type == "meta":
         return None, "", None, ["its parameters are on the meta device: nothing to run"]
     try:
-        _deepcopy_detached(module)
+        deepcopy_detached(module)
     except Exception as error:  # noqa: BLE001
         return None, "", None, [f"could not be copied to trace it ({type(error).__name__}: {error})"]
     tol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])

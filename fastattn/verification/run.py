@@ -35,7 +35,7 @@ from ..constants import (ERROR_FLOOR, ERROR_RATIO_GRAD, ERROR_RATIO_OUT, VERIFY_
 from ..dispatch import check_backend_name
 from ..nn import SelfAttention2d
 from ..swap import swap_attention, unswap
-from ..swap.probe import _deepcopy_detached
+from ..swap.probe import deepcopy_detached
 from .report import Check, LayerReport, TimingRow, VerifyReport
 
 __all__ = ["verify", "VerifyUsageError", "DTYPE_NAMES"]
@@ -103,11 +103,11 @@ def _match(family: str) -> str:
 def _prepare(model: nn.Module, backend: str | None, probe: bool):
     """(original, swapped, layer reports, unswapped lines): two copies of `model`."""
     try:
-        swapped = _deepcopy_detached(model)
+        swapped = deepcopy_detached(model)
     except Exception as error:
         raise VerifyUsageError(f"the model cannot be deep-copied ({type(error).__name__}: {error}); "
                                "fastattn.verify runs copies and leaves your model as it is") from error
-    original = _deepcopy_detached(model)
+    original = deepcopy_detached(model)
     kwargs = {} if backend is None else {"backend": backend}
     with warnings.catch_warnings():  # the layers it leaves alone are in the report
         warnings.simplefilter("ignore", UserWarning)
@@ -161,7 +161,7 @@ def _cotangents(outputs: list[Tensor], seed: int) -> list[Tensor]:
 
 def _run(source: nn.Module, args: tuple, dtype: torch.dtype, training: bool, layer_names: list[str],
          backward: bool, double: bool, seed: int, device: torch.device) -> _Run:
-    model = _deepcopy_detached(source).to(dtype).train(training)
+    model = deepcopy_detached(source).to(dtype).train(training)
     inputs = pytree.tree_map(
         lambda t: t.detach().to(dtype).requires_grad_(backward) if isinstance(t, Tensor) and t.is_floating_point()
         else t, args)
@@ -302,7 +302,7 @@ def _timings(original: nn.Module, swapped: nn.Module, args: tuple, dtype_name: s
     for direction in ("fwd", "fwd+bwd") if backward else ("fwd",):
         figures, notes = [], []
         for source in (original, swapped):
-            model = _deepcopy_detached(source).to(dtype).train(direction != "fwd")
+            model = deepcopy_detached(source).to(dtype).train(direction != "fwd")
             inputs = pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t,
                                      args)
             leaves = [t.requires_grad_() for t in pytree.tree_leaves(inputs)
