@@ -167,20 +167,21 @@ class TorchBackend(TorchChunkedBackend):
         sizes, unless autocast may be on); elsewhere both run in blocks."""
         acc = accumulation_dtype(q.dtype)
         batch, n_queries, n_keys = q.shape[0], q.shape[2], k.shape[2]
-        whole = keeps_probabilities(batch, n_queries, n_keys, acc)
-        if whole:
-            infer = _kept_probs_out_acc if acc == q.dtype else kept_probs_out
-        else:
+        if not keeps_probabilities(batch, n_queries, n_keys, acc):
             infer = chunked_out
-        if not whole:
+
             def train(q, k, v, scale):
                 return chunked_attention(q, k, v, scale, need_lse=False)[0]
         elif acc == q.dtype and batch * n_queries * n_keys * q.element_size() <= constants.TORCH_PLAIN_AUTOGRAD_BYTES:
+            infer = _kept_probs_out_acc
+
             def train(q, k, v, scale):
                 if _autocast_may_be_on(q.device.type):
                     return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
                 return plain_autograd_out(q, k, v, scale)
         else:
+            infer = _kept_probs_out_acc if acc == q.dtype else kept_probs_out
+
             def train(q, k, v, scale):
                 return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
 
