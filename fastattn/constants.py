@@ -49,10 +49,16 @@ TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
 TORCH_CHUNK_MIN_ROWS = 128
 
 # Bytes per (B x chunk x M) buffer in the double backward (backends/chunked_grad.py), which holds
-# four such buffers. Same as TORCH_CHUNK_BYTES: at (B=4, d_qk=16, N=4096, M=1024, d_v=64), fp32
-# fwd+bwd+bwd2 (2-core EPYC dev VM, shared, load 5-7, 2 runs each): 1 MiB 2.8/3.5 s, 2 MiB 3.9/1.6 s,
-# 4 MiB 2.1/1.6 s, 8 MiB 2.2/1.8 s, naive 3.2/3.7 s; no budget is clearly faster at this noise.
-DOUBLE_BACKWARD_CHUNK_BYTES = 8 * 2**20
+# four such buffers. Re-measured on a quiet machine (2-core AMD EPYC VM, load average 0.8-1.0,
+# torch 2.13.0+cpu, 2026-12-02, /tmp script: forward, backward with create_graph, backward of
+# |dq|^2 + |dk|^2 + |dv|^2, budgets interleaved in rotating rounds, medians of 8-12), time / naive:
+#   R1 site (B=4, d_qk=16, N=4096, M=1024, d_v=64), 1 thread: 2 MiB 0.24, 4 MiB 0.24, 8 MiB 0.28
+#                                                    2 threads: 2 MiB 0.24, 4 MiB 0.25, 8 MiB 0.27
+#   biggan128_D-like (12, 12, 4096, 1024, 48), 1 thread: 0.22 at 2, 4 and 8 MiB
+#   sagan64-like (16, 8, 1024, 1024, 64), 1 thread: 2 MiB 0.26, 4 MiB 0.26, 8 MiB 0.28
+# 2 and 4 MiB tie and beat 8 MiB by up to 12%; 4 MiB keeps more rows per chunk at large B.
+# (The earlier 8 MiB came from a run at load 5-7 where no budget was clearly faster.)
+DOUBLE_BACKWARD_CHUNK_BYTES = 4 * 2**20
 
 # Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
 # keeps for the backward instead of recomputing it chunk by chunk (fastattn/backends/torch_small.py).
