@@ -1,7 +1,7 @@
 """Measure the torch backend's per-size strategy thresholds (fastattn/constants.py):
 TORCH_KEEP_PROBS_BYTES (kept probabilities vs chunked recomputation, by (B, N, M) fp32 bytes) and
 SDPA_AUTO_MIN_HEAD_DIM (PyTorch's CPU flash kernel vs the torch backend, by d_qk = d_v), and
-the inference rule (one_shot_inference: an inference forward as three whole ops or in blocks).
+the inference rule (TorchBackend.out_runner: an inference forward as three whole ops or in blocks).
 Providers interleaved in one process, medians of REPEATS; prints ratios (time / time of chunked,
 or time / naive time for the inference rule).
     python benchmarks/tune_strategy.py [threads] [inference]
@@ -61,7 +61,7 @@ def interleaved(fns, q, k, v, rounds=31):
 
 
 def inference_rule():
-    """one_shot_inference: whole (three ops, softmax in place) vs blocks, time / naive time."""
+    """The inference rule: whole (three ops, softmax in place) vs blocks, time / naive time."""
     print("inference forward, time / naive time: whole (bmm, in-place softmax, bmm) and blocks:")
     fns = {"naive": reference_attention, "whole": kept_probs_out, "blocks": chunked_out}
     for site, B, d_qk, N, M, d_v in [("sagan64_unpooled_G", 1, 8, 1024, 1024, 64), ("sagan64_unpooled_G", 2, 8, 1024, 1024, 64),
