@@ -162,12 +162,18 @@ def second_order_grads(q, k, v, out, grad_out, grad_lse, scale, g_dq, g_dk, g_dv
     )
 
 
+def no_autocast(device: torch.device):
+    """Autocast would push the fp32 accumulation bmms down to fp16/bf16: each backend op picks
+    its own precision (fp32 statistics and accumulators), so autocast is off inside it."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class FirstOrderGrads(torch.autograd.Function):
     """(dq, dk, dv) of attention as a differentiable function of (q, k, v, grad_out, grad_lse)."""
 
     @staticmethod
     def forward(ctx, first_order, q, k, v, out, grad_out, grad_lse, scale, needs):
-        with torch.autocast(q.device.type, enabled=False):
+        with no_autocast(q.device):
             grads = first_order(grad_out, grad_lse)
         ctx.save_for_backward(q, k, v, out, grad_out, grad_lse)
         ctx.scale = scale
@@ -179,7 +185,7 @@ class FirstOrderGrads(torch.autograd.Function):
     def backward(ctx, g_dq, g_dk, g_dv):
         q, k, v, out, grad_out, grad_lse = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[1:4], *ctx.needs_input_grad[5:7])
-        with torch.autocast(q.device.type, enabled=False):
+        with no_autocast(q.device):
             grads = second_order_grads(q, k, v, out, grad_out, grad_lse, ctx.scale, g_dq, g_dk, g_dv, needs)
         grad_q, grad_k, grad_v, grad_do, grad_dlse = grads
         return None, grad_q, grad_k, grad_v, None, grad_do, grad_dlse, None, None
@@ -204,5 +210,5 @@ def attention_backward(first_order: FirstOrder, q: Tensor, k: Tensor, v: Tensor,
     values as FirstOrderGrads, differentiable without an N x M tensor (see first_order_grads)."""
     if torch.is_grad_enabled():
         return first_order_grads(first_order, q, k, v, out, grad_out, grad_lse, scale, needs)
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q.device):
         return first_order(grad_out, grad_lse)

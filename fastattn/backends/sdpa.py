@@ -21,6 +21,8 @@ from torch import Tensor
 
 from .. import constants
 from ..dispatch import Backend
+from .chunked_grad import attention_backward, no_autocast
+from .torch_chunked import chunked_backward
 
 __all__ = ["SdpaBackend", "sdpa_attention"]
 
@@ -48,7 +50,7 @@ class _SdpaAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         q_t, k_t, v_t = _token_major(q), _token_major(k), _token_major(v)
-        with torch.autocast(q.device.type, enabled=False):
+        with no_autocast(q.device):
             out_t, lse = _OPS._scaled_dot_product_flash_attention_for_cpu(q_t, k_t, v_t, 0.0, False, scale=scale)
         lse = lse.squeeze(1)
         # the token-major copies are what the kernel's backward reads: saved, so that the backward
@@ -61,9 +63,6 @@ class _SdpaAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        from .chunked_grad import attention_backward
-        from .torch_chunked import chunked_backward
-
         q, k, v, q_t, k_t, v_t, out_t, lse = ctx.saved_tensors
         out = _channel_major(out_t)
         needs = ctx.needs_input_grad[:3]

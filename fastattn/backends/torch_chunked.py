@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import constants
 from ..dispatch import Backend
 from ..reference import accumulation_dtype
-from .chunked_grad import attention_backward
+from .chunked_grad import attention_backward, no_autocast
 
 __all__ = ["TorchChunkedBackend", "chunked_attention", "chunked_out", "chunked_backward", "block_shape",
            "chunk_budget", "matrix_bytes"]
@@ -155,16 +155,10 @@ def chunked_backward(q, k, v, out, grad_out, grad_lse, scale, needs):
     )
 
 
-def _no_autocast(device: torch.device):
-    """Autocast would push the fp32 accumulation bmms down to fp16/bf16: the op picks its own
-    precision (fp32 statistics and accumulators), so autocast is off inside it."""
-    return torch.autocast(device.type, enabled=False)
-
-
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, need_lse):
-        with _no_autocast(q.device):
+        with no_autocast(q.device):
             out, lse = _forward(q, k, v, scale, need_lse)
         ctx.save_for_backward(q, k, v, out)
         ctx.scale = scale
@@ -194,7 +188,7 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0,
 
 def chunked_out(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0) -> Tensor:
     """out alone, without a graph (an inference forward)."""
-    with _no_autocast(q.device):
+    with no_autocast(q.device):
         return _forward(q, k, v, float(scale), False)[0]
 
 

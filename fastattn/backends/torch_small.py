@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import constants
 from ..reference import accumulation_dtype
-from .chunked_grad import attention_backward
+from .chunked_grad import attention_backward, no_autocast
 from .torch_chunked import TorchChunkedBackend, chunked_attention, chunked_out, matrix_bytes
 
 __all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out",
@@ -49,23 +49,22 @@ def _logits(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
     return logits
 
 
-def kept_probs_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """out alone, no graph (inference forward without return_lse): three fused ops, the softmax
-    in place on the logits (one (B, N, M) buffer, where the naive layer allocates two)."""
-    acc = accumulation_dtype(q.dtype)
-    p = _logits(q, k, scale, acc)
-    torch._softmax(p, -1, False, out=p)
-    return _to(torch.bmm(_to(v, acc), p.transpose(1, 2)), q.dtype)
-
-
 def _kept_probs_out_acc(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """kept_probs_out for inputs already in their accumulation dtype (fp32, fp64): the same
-    ops without the dtype checks, which are a measurable share of a 0.1 ms call."""
+    """out alone, no graph (inference forward without return_lse), for inputs in their
+    accumulation dtype (fp32, fp64): three fused ops, the softmax in place on the logits (one
+    (B, N, M) buffer, where the naive layer allocates two)."""
     p = torch.bmm(q.transpose(1, 2), k)
     if scale != 1.0:
         p.mul_(scale)
     torch._softmax(p, -1, False, out=p)
     return torch.bmm(v, p.transpose(1, 2))
+
+
+def kept_probs_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """_kept_probs_out_acc for inputs of any dtype: fp16/bf16 are lifted to fp32 for it (the dtype
+    checks are a measurable share of a 0.1 ms call, so fp32/fp64 inputs skip this wrapper)."""
+    acc = accumulation_dtype(q.dtype)
+    return _to(_kept_probs_out_acc(_to(q, acc), _to(k, acc), _to(v, acc), scale), q.dtype)
 
 
 def _autocast_may_be_on(device_type: str) -> bool:
@@ -89,7 +88,7 @@ def plain_autograd_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 class _KeptProbsAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, need_lse):
-        with torch.autocast(q.device.type, enabled=False):
+        with no_autocast(q.device):
             acc = accumulation_dtype(q.dtype)
             p = _logits(q, k, scale, acc)
             # the log-sum-exp is one more pass over the (B, N, M) logits: only when asked for
