@@ -4,7 +4,10 @@ SDPA_AUTO_MIN_HEAD_DIM (PyTorch's CPU flash kernel vs the torch backend, by d_qk
 the inference rule (TorchBackend.out_runner: an inference forward as three whole ops or in blocks).
 Providers interleaved in one process, medians of REPEATS; prints ratios (time / time of chunked,
 or time / naive time for the inference rule).
-    python benchmarks/tune_strategy.py [threads] [inference]
+The training rule (TorchBackend.out_runner: a forward that needs a graph through torch's own
+autograd in token-major layout, or the kept-probabilities autograd.Function) is measured by the
+`training` mode: fwd+bwd time / naive fwd+bwd time, interleaved, medians.
+    python benchmarks/tune_strategy.py [threads] [inference | training]
 """
 import statistics
 import sys
@@ -14,7 +17,7 @@ import torch
 
 from fastattn.backends.sdpa import sdpa_attention
 from fastattn.backends.torch_chunked import chunked_attention, chunked_out
-from fastattn.backends.torch_small import kept_probs_attention, kept_probs_out
+from fastattn.backends.torch_small import kept_probs_attention, kept_probs_out, plain_autograd_out
 from fastattn.reference import reference_attention
 
 REPEATS = 7
@@ -76,11 +79,54 @@ def inference_rule():
               f"whole {t['whole'] / t['naive']:.2f}, blocks {t['blocks'] / t['naive']:.2f}", flush=True)
 
 
+def interleaved_training(fns, q, k, v, g, rounds=31):
+    """fwd+bwd (torch.autograd.grad of out against g for q, k, v), medians of `rounds`, providers
+    in alternating, rotating order as in interleaved()."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    inner = max(1, int(1e6 // (q.shape[0] * q.shape[2] * k.shape[2])))
+    names, times = list(fns), {name: [] for name in fns}
+
+    def step(fn):
+        torch.autograd.grad(fn(*leaves, 1.0), leaves, g)
+    for fn in fns.values():
+        step(fn)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order[r % len(names):] + order[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step(fns[name])
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def training_rule():
+    """The training rule: torch's own autograd, token-major (plain) vs the kept-probabilities
+    Function (kept), fwd+bwd time / naive time, by per-sample and total (B, N, M) fp32 bytes."""
+    print("training fwd+bwd, time / naive time: plain (torch autograd, token-major) and kept (Function):")
+    fns = {"naive": reference_attention, "plain": plain_autograd_out,
+           "kept": lambda q, k, v, s: kept_probs_attention(q, k, v, s, need_lse=False)[0]}
+    cases = [(B, 48, 256, 64, 192) for B in (1, 2, 4, 8, 16, 32, 64)]  # cifar_G
+    cases += [(B, 16, 256, 64, 64) for B in (1, 4, 16, 64)]  # CIFAR D (d 16/64)
+    cases += [(1, 8, 256, 256, 32), (4, 8, 256, 256, 32), (1, 8, 512, 256, 32), (2, 8, 512, 256, 32),
+              (1, 8, 1024, 128, 32), (1, 8, 512, 512, 64), (1, 8, 1024, 256, 32), (1, 32, 1024, 256, 128),
+              (1, 8, 1024, 1024, 64)]
+    for B, d_qk, N, M, d_v in cases:
+        q, k, v, g = torch.randn(B, d_qk, N), torch.randn(B, d_qk, M), torch.randn(B, d_v, M), torch.randn(B, d_v, N)
+        t = interleaved_training(fns, q, k, v, g)
+        print(f"  B={B} d_qk={d_qk} N={N} M={M} d_v={d_v} ({N * M * 4 / 2**10:.0f} KiB/sample, "
+              f"{B * N * M * 4 / 2**10:.0f} KiB): naive {t['naive'] * 1e3:.3f} ms, "
+              f"plain {t['plain'] / t['naive']:.3f}, kept {t['kept'] / t['naive']:.3f}", flush=True)
+
+
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
     if sys.argv[2:] == ["inference"]:
         inference_rule()
+        return
+    if sys.argv[2:] == ["training"]:
+        training_rule()
         return
     chunked = lambda q, k, v, s: chunked_attention(q, k, v, s)[0]
     print("kept probabilities / chunked (fp32), by (B, N, M) bytes:")

@@ -94,18 +94,26 @@ DOUBLE_BACKWARD_CHUNK_BYTES = 4 * 2**20
 TORCH_KEEP_PROBS_BYTES = 8 * 2**20
 TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES = 64 * 2**10
 TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20
-# Largest (B, N, M) probability matrix (bytes) for which a forward that needs a graph (training,
-# no return_lse) runs torch's own autograd of bmm -> softmax -> bmm instead of the kept-
-# probabilities autograd.Function: both save only the probabilities, but the Function's Python
-# backward costs ~40-60 us per call, which is 15% of a CIFAR-sized call. Measured (1 thread,
-# shared 2-core AMD EPYC VM, load average 1.7-2.2, torch 2.13.0+cpu, 2026-12-02, /tmp script:
-# median of 300-1000 fwd+bwd calls, us), naive / Function / plain autograd:
-#   CIFAR G (256x64, d 48/192)  B=1 64 KiB: 370 / 406 / 369   B=2 128 KiB: 682 / 739 / 669
-#                               B=4 256 KiB: 1322 / 1332 / 1296   B=8 512 KiB: 2716 / 2707 / 2761
-#   CIFAR D (256x64, d 16/64)   B=1 64 KiB: 192 / 214 / 190   B=4 256 KiB: 569 / 558 / 575
-#   1024x256 d 8/32             B=1 1 MiB: 2179 / 1272 / 2057 (the Function's backward wins)
-# Plain autograd wins up to 128 KiB and loses or ties from 256 KiB.
-TORCH_PLAIN_AUTOGRAD_BYTES = 128 * 2**10
+# Largest (B, N, M) probability matrix (bytes), in all and per sample, for which a forward that
+# needs a graph (training, no return_lse) runs torch's own autograd of bmm -> softmax -> bmm in
+# token-major layout (logits as (B, M, N) = k^T q, softmax over dim 1, out = v @ P: no transposed
+# view, so the softmax backward gets a contiguous gradient, which the naive layer's does not)
+# instead of the kept-probabilities autograd.Function, whose Python backward costs ~40-60 us per
+# call. Both save only the probabilities. Measured with benchmarks/tune_strategy.py 1 training
+# (1 thread, quiet 2-core AMD EPYC VM, load average 0.7, torch 2.13.0+cpu, 2026-12-03; providers
+# interleaved in rotating order, medians of 31), fwd+bwd time / naive time, plain / Function:
+#   cifar_G (256x64, d 48/192, 64 KiB a sample) B=1: 0.97 / 1.11   B=2: 0.96 / 1.07   B=4: 0.93 / 1.05
+#                         B=8 512 KiB: 0.94 / 0.96   B=16 1 MiB: 0.96 / 0.98   B=32: 0.99 / 0.95   B=64: 1.02 / 0.97
+#   CIFAR D (256x64, d 16/64) B=1: 0.81 / 1.10   B=4: 0.89 / 0.90   B=16: 0.92 / 0.92   B=64: 0.94 / 0.87
+#   256x256 (d 8/32, 256 KiB a sample) B=1: 0.89 / 0.92   B=4 1 MiB: 0.93 / 0.85
+#   512 KiB a sample: 512x256 B=1 0.80 / 0.73, B=2 0.80 / 0.72; 1024x128 B=1 0.76 / 0.68
+#   1 MiB a sample: 512x512 0.84 / 0.75; 1024x256 d 8/32 0.79 / 0.63, d 32/128 0.86 / 0.84
+#   sagan64 (1024x1024, 4 MiB) B=1: 0.82 / 0.65
+# Plain autograd wins up to 512 KiB of samples of at most 256 KiB and is within 2% of the Function
+# up to 1 MiB; the Function wins from 512 KiB a sample and at 1 MiB of 256 KiB samples.
+# (The earlier rule, 128 KiB in query-major layout, came from a run at load average 1.7-2.2.)
+TORCH_PLAIN_AUTOGRAD_BYTES = 512 * 2**10
+TORCH_PLAIN_AUTOGRAD_SAMPLE_BYTES = 256 * 2**10
 
 # --- sdpa backend (PyTorch's fused CPU flash kernel, fastattn/backends/sdpa.py) -----------------
 # Automatic choice takes the sdpa backend (it needs d_qk == d_v) only from this head width and this

@@ -7,7 +7,10 @@ and per-chunk Python are what a step spends. This path computes the logits once,
 fused softmax, saves the probabilities for the backward and differentiates them with the fused
 softmax backward: the naive layer's arithmetic, as one autograd node, in fp32 accumulation.
 An inference forward (no graph) of such a size is the same three ops with the softmax in place on
-the logits: one (B, N, M) buffer where the naive layer allocates two.
+the logits: one (B, N, M) buffer where the naive layer allocates two. A training forward of at most
+TORCH_PLAIN_AUTOGRAD_BYTES (a CIFAR-sized call) skips the Function's Python backward and runs torch's
+own autograd of the three ops in token-major layout (plain_autograd_out), whose softmax backward
+gets a contiguous gradient where the naive layer's gets a transposed one.
 
 Everything larger goes to the chunked path (torch_chunked.py), whose working memory is bounded.
 Double backward (create_graph) goes to chunked_grad.FirstOrderGrads (chunked recomputation).
@@ -23,7 +26,7 @@ from .chunked_grad import attention_backward, no_autocast
 from .torch_chunked import TorchChunkedBackend, chunked_attention, chunked_out, matrix_bytes
 
 __all__ = ["TorchBackend", "keeps_probabilities", "kept_probs_attention", "kept_probs_out",
-           "plain_autograd_out"]
+           "plain_autograd_fits", "plain_autograd_out"]
 
 
 def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
@@ -36,6 +39,14 @@ def keeps_probabilities(batch: int, n_queries: int, n_keys: int, acc: torch.dtyp
         return True
     return (per_sample <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_BYTES
             and total <= constants.TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES)
+
+
+def plain_autograd_fits(batch: int, n_queries: int, n_keys: int, acc: torch.dtype) -> bool:
+    """Whether a training forward (graph, no return_lse) of this size runs torch's own autograd
+    (plain_autograd_out) rather than the kept-probabilities Function: the whole (B, N, M) matrix
+    within TORCH_PLAIN_AUTOGRAD_BYTES and each sample's within TORCH_PLAIN_AUTOGRAD_SAMPLE_BYTES."""
+    per_sample, total = matrix_bytes(batch, n_queries, n_keys, acc)
+    return total <= constants.TORCH_PLAIN_AUTOGRAD_BYTES and per_sample <= constants.TORCH_PLAIN_AUTOGRAD_SAMPLE_BYTES
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -53,11 +64,11 @@ def _kept_probs_out_acc(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     """out alone, no graph (inference forward without return_lse), for inputs in their
     accumulation dtype (fp32, fp64): three fused ops, the softmax in place on the logits (one
     (B, N, M) buffer, where the naive layer allocates two)."""
-    p = torch.bmm(q.transpose(1, 2), k)
+    p = torch.bmm(q.mT, k)
     if scale != 1.0:
         p.mul_(scale)
     torch._softmax(p, -1, False, out=p)
-    return torch.bmm(v, p.transpose(1, 2))
+    return torch.bmm(v, p.mT)
 
 
 def kept_probs_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -76,13 +87,17 @@ def _autocast_may_be_on(device_type: str) -> bool:
 
 def plain_autograd_out(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """out through torch's own autograd of bmm -> softmax -> bmm (inputs already in their
-    accumulation dtype, autocast off, which would lower them): what it saves for the backward is the same (the probabilities; the
-    logits are freed), and at tiny sizes (TORCH_PLAIN_AUTOGRAD_BYTES) its C++ backward beats the
-    Python autograd.Function's fixed cost."""
-    logits = torch.bmm(q.transpose(1, 2), k)
+    accumulation dtype, autocast off, which would lower them), token-major: the logits are built
+    transposed, (B, M, N) = k^T q, and the softmax runs over dim 1, so out = v @ P^T is v @ that
+    matrix with no transposed view anywhere. The naive layer's softmax backward receives a
+    transposed (non-contiguous) gradient and runs slower than this layout's; the arithmetic is the
+    same up to fp32 rounding. What it saves for the backward is the probabilities (the logits are
+    freed), and where it is chosen (plain_autograd_fits) its C++ backward beats the Python
+    autograd.Function's fixed cost."""
+    logits = torch.bmm(k.mT, q)
     if scale != 1.0:
         logits = logits * scale
-    return torch.bmm(v, torch.softmax(logits, dim=-1).transpose(1, 2))
+    return torch.bmm(v, torch.softmax(logits, dim=1))
 
 
 class _KeptProbsAttention(torch.autograd.Function):
@@ -147,6 +162,16 @@ def kept_probs_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0,
     return _KeptProbsAttention.apply(q, k, v, float(scale), need_lse)
 
 
+def _runner(train, infer):
+    """out(q, k, v): train where a graph is needed (grad mode on and an input requires grad),
+    infer otherwise."""
+    def run(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return train(q, k, v)
+        return infer(q, k, v)
+    return run
+
+
 class TorchBackend(TorchChunkedBackend):
     """The `torch` backend: per problem size, kept probabilities (small) or blocks recomputed in
     the backward (everything else), and no graph at all for an inference forward."""
@@ -162,30 +187,26 @@ class TorchBackend(TorchChunkedBackend):
     def out_runner(self, q, k, v, scale):
         """The strategy for this signature, decided once. Where the (B, N, M) matrix fits the
         kept-probabilities budget (keeps_probabilities), an inference forward (no graph) is three
-        whole ops and a training forward keeps the probabilities (torch's own autograd at tiny
-        sizes, unless autocast may be on); elsewhere both run in blocks."""
+        whole ops and a training forward keeps the probabilities (torch's own autograd in token-
+        major layout where plain_autograd_fits, unless autocast may be on); elsewhere both run in
+        blocks. The runner is one closure with what it needs bound: at CIFAR sizes a call is
+        ~0.1-0.4 ms and each Python frame or attribute lookup on its way is a visible share."""
         acc = accumulation_dtype(q.dtype)
         batch, n_queries, n_keys = q.shape[0], q.shape[2], k.shape[2]
         if not keeps_probabilities(batch, n_queries, n_keys, acc):
-            infer = chunked_out
-
-            def train(q, k, v, scale):
-                return chunked_attention(q, k, v, scale, need_lse=False)[0]
-        elif acc == q.dtype and batch * n_queries * n_keys * q.element_size() <= constants.TORCH_PLAIN_AUTOGRAD_BYTES:
-            infer = _kept_probs_out_acc
-
-            def train(q, k, v, scale):
-                if _autocast_may_be_on(q.device.type):
-                    return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
-                return plain_autograd_out(q, k, v, scale)
-        else:
-            infer = _kept_probs_out_acc if acc == q.dtype else kept_probs_out
-
-            def train(q, k, v, scale):
-                return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
+            return _runner(lambda q, k, v: chunked_attention(q, k, v, scale, need_lse=False)[0],
+                           lambda q, k, v: chunked_out(q, k, v, scale))
+        if acc != q.dtype:  # fp16/bf16: lifted to fp32 for the ops
+            return _runner(lambda q, k, v: kept_probs_attention(q, k, v, scale, need_lse=False)[0],
+                           lambda q, k, v: kept_probs_out(q, k, v, scale))
+        device_type = q.device.type
+        plain = plain_autograd_fits(batch, n_queries, n_keys, acc)
+        grad_enabled, autocast_may_be_on = torch.is_grad_enabled, _autocast_may_be_on
 
         def run(q, k, v):
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                return train(q, k, v, scale)
-            return infer(q, k, v, scale)
+            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                if plain and not autocast_may_be_on(device_type):
+                    return plain_autograd_out(q, k, v, scale)
+                return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
+            return _kept_probs_out_acc(q, k, v, scale)
         return run

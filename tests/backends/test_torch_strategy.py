@@ -164,15 +164,22 @@ def test_automatic_choice_takes_sdpa_only_for_wide_equal_heads_and_a_forced_back
         select_backend(*gan, backend="sdpa")
 
 
-def test_tiny_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kept_function():
+def test_small_training_forward_takes_torchs_own_autograd_and_larger_ones_the_kept_function():
     # (2, 37, 23) fp32 probabilities: 6.8 KiB, under TORCH_PLAIN_AUTOGRAD_BYTES
     small = [t.requires_grad_() for t in _make(2, 10, 37, 23, 30, torch.float32)[:3]]
     assert type(spatial_attention(*small, backend="torch").grad_fn).__name__ == "BmmBackward0"
     _check_rule(lambda q, k, v, s: spatial_attention(q, k, v, scale=s, backend="torch"), SHAPES[1], torch.float32)
-    side = int((constants.TORCH_PLAIN_AUTOGRAD_BYTES // 4) ** 0.5) + 1
-    large = [t.requires_grad_() for t in _make(1, 4, side, side, 4, torch.float32)[:3]]
-    assert "Backward" in type(spatial_attention(*large, backend="torch").grad_fn).__name__
-    assert type(spatial_attention(*large, backend="torch").grad_fn).__name__ != "BmmBackward0"
+    def node(B, N, M):
+        q, k, v = [t.requires_grad_() for t in _make(B, 4, N, M, 4, torch.float32)[:3]]
+        return type(spatial_attention(q, k, v, backend="torch").grad_fn).__name__
+
+    assert constants.TORCH_PLAIN_AUTOGRAD_BYTES == 512 * 2**10  # the cases below assume them
+    assert constants.TORCH_PLAIN_AUTOGRAD_SAMPLE_BYTES == 256 * 2**10
+    assert node(8, 256, 64) == "BmmBackward0"  # cifar_G B=8: 8 samples of 64 KiB, 512 KiB in all
+    assert node(9, 256, 64) != "BmmBackward0"  # 576 KiB in all: the Function
+    assert node(1, 256, 256) == "BmmBackward0"  # one 256 KiB sample
+    assert node(1, 257, 256) != "BmmBackward0"  # one sample over 256 KiB: the Function
+    assert "Backward" in node(1, 257, 256)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would lower torch's own bmm
         assert spatial_attention(*small, backend="torch").dtype == torch.float32
 
@@ -240,3 +247,15 @@ def test_the_blocked_path_gives_empty_results_and_gradients_for_empty_inputs(B, 
     assert out.shape == (B, 3, N) and lse.shape == (B, N) and chunked_out(q, k, v).shape == (B, 3, N)
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.abs().sum() == 0 and v.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.8])
+def test_token_major_plain_autograd_path_gradcheck_and_double_backward_fp64(scale):
+    """The small training path (torch's own autograd, logits built as (B, M, N) and softmax over
+    dim 1) differentiates to the reference, twice (R1 / WGAN-GP penalties take this path too)."""
+    q, k, v = (t.requires_grad_() for t in _make(2, 5, 9, 7, 6, torch.float64)[:3])
+    fn = lambda a, b, c: spatial_attention(a, b, c, scale=scale, backend="torch")
+    assert type(fn(q, k, v).grad_fn).__name__ == "BmmBackward0"  # the plain path, not the Function
+    torch.testing.assert_close(fn(q, k, v), reference_attention(q, k, v, scale), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
