@@ -7,7 +7,10 @@ or time / naive time for the inference rule).
 The training rule (TorchBackend.out_runner: a forward that needs a graph through torch's own
 autograd in token-major layout, or the kept-probabilities autograd.Function) is measured by the
 `training` mode: fwd+bwd time / naive fwd+bwd time, interleaved, medians.
-    python benchmarks/tune_strategy.py [threads] [inference | training]
+The `overhead` mode times, in the bench's own interleaved timing (fastattn.bench.measure), the
+naive layer, the torch backend's ops alone and `spatial_attention` at cifar_G B = 1-8: what the
+per-call Python in front of the ops costs.
+    python benchmarks/tune_strategy.py [threads] [inference | training | overhead]
 """
 import statistics
 import sys
@@ -119,6 +122,28 @@ def training_rule():
               f"plain {t['plain'] / t['naive']:.3f}, kept {t['kept'] / t['naive']:.3f}", flush=True)
 
 
+def call_overhead():
+    """naive, the ops alone (no dispatch) and spatial_attention, fwd and fwd+bwd, time / naive."""
+    from fastattn import spatial_attention
+    from fastattn.backends.torch_small import _kept_probs_out_acc
+    from fastattn.bench.measure import CaseInputs, make_call, time_interleaved
+
+    print("cifar_G (d 48/192, 256x64), bench timing (time_interleaved, min 2 s per provider): "
+          "time / naive time of the ops alone and of spatial_attention")
+    for B in (1, 2, 8):
+        gen = torch.Generator().manual_seed(0)
+        x = CaseInputs(*(torch.randn(s, generator=gen) for s in ((B, 48, 256), (B, 48, 64), (B, 192, 64), (B, 192, 256))))
+        for direction in ("fwd", "fwd+bwd"):
+            fns = {"naive": reference_attention, "ops": _kept_probs_out_acc if direction == "fwd" else plain_autograd_out,
+                   "fastattn": lambda q, k, v, s: spatial_attention(q, k, v, scale=s)}
+            timed = time_interleaved({n: make_call(f, direction, x, 1.0) for n, f in fns.items()},
+                                     torch.device("cpu"), 2.0, 50, 4000)
+            t = {n: r[0].median_s for n, r in timed.items()}
+            print(f"  B={B} {direction}: naive {t['naive'] * 1e6:.1f} us, ops {t['ops'] / t['naive']:.3f}, "
+                  f"fastattn {t['fastattn'] / t['naive']:.3f} ({(t['fastattn'] - t['ops']) * 1e6:+.1f} us over the ops)",
+                  flush=True)
+
+
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
@@ -127,6 +152,9 @@ def main():
         return
     if sys.argv[2:] == ["training"]:
         training_rule()
+        return
+    if sys.argv[2:] == ["overhead"]:
+        call_overhead()
         return
     chunked = lambda q, k, v, s: chunked_attention(q, k, v, s)[0]
     print("kept probabilities / chunked (fp32), by (B, N, M) bytes:")

@@ -146,3 +146,14 @@ def test_meta_tensors_give_empty_meta_results_of_the_right_shapes(dtype):
         spatial_attention(q, k, v, backend="nope")
     with pytest.raises(ValueError, match=r"v has M=7 keys/values"):  # still validated
         spatial_attention(q, k, torch.empty(2, 4, 7, device="meta", dtype=dtype))
+
+
+def test_a_remembered_signature_still_rejects_k_or_v_on_another_device():
+    """The per-signature cache holds every tensor's device: a call that differs from a remembered
+    one only in k's or v's device is validated again, not run (torch would return a meta result)."""
+    q, k, v = (torch.randn(1, 4, 8) for _ in range(3))
+    spatial_attention(q, k, v)
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        spatial_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="v is on meta but q is on cpu"):
+        spatial_attention(q, k, v.to("meta"))
