@@ -110,7 +110,10 @@ TORCH_KEEP_PROBS_SMALL_SAMPLE_MAX_BYTES = 16 * 2**20
 #   1 MiB a sample: 512x512 0.84 / 0.75; 1024x256 d 8/32 0.79 / 0.63, d 32/128 0.86 / 0.84
 #   sagan64 (1024x1024, 4 MiB) B=1: 0.82 / 0.65
 # Plain autograd wins up to 512 KiB of samples of at most 256 KiB and is within 2% of the Function
-# up to 1 MiB; the Function wins from 512 KiB a sample and at 1 MiB of 256 KiB samples.
+# up to 1 MiB; the Function wins from 512 KiB a sample and at 1 MiB of 256 KiB samples. A second
+# run the same day (load average 0.6-0.9): cifar_G B=1-4 0.94-0.96 / 1.03-1.12, B=8 0.97 / 0.94
+# (the crossover: both below 1), B=16 0.96 / 0.96; CIFAR D B=1 0.82 / 1.17, B=4 0.85 / 0.99;
+# 256x256 B=1 0.88 / 0.92, B=4 0.97 / 0.85; 512 KiB a sample 0.81-0.92 / 0.74-0.85.
 # (The earlier rule, 128 KiB in query-major layout, came from a run at load average 1.7-2.2.)
 TORCH_PLAIN_AUTOGRAD_BYTES = 512 * 2**10
 TORCH_PLAIN_AUTOGRAD_SAMPLE_BYTES = 256 * 2**10
