@@ -17,6 +17,8 @@ Double backward (create_graph) goes to chunked_grad.FirstOrderGrads (chunked rec
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -189,24 +191,23 @@ class TorchBackend(TorchChunkedBackend):
         kept-probabilities budget (keeps_probabilities), an inference forward (no graph) is three
         whole ops and a training forward keeps the probabilities (torch's own autograd in token-
         major layout where plain_autograd_fits, unless autocast may be on); elsewhere both run in
-        blocks. The runner is one closure with what it needs bound: at CIFAR sizes a call is
-        ~0.1-0.4 ms and each Python frame or attribute lookup on its way is a visible share."""
+        blocks."""
         acc = accumulation_dtype(q.dtype)
         batch, n_queries, n_keys = q.shape[0], q.shape[2], k.shape[2]
         if not keeps_probabilities(batch, n_queries, n_keys, acc):
             return _runner(lambda q, k, v: chunked_attention(q, k, v, scale, need_lse=False)[0],
                            lambda q, k, v: chunked_out(q, k, v, scale))
+        def kept(q, k, v):
+            return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
         if acc != q.dtype:  # fp16/bf16: lifted to fp32 for the ops
-            return _runner(lambda q, k, v: kept_probs_attention(q, k, v, scale, need_lse=False)[0],
-                           lambda q, k, v: kept_probs_out(q, k, v, scale))
+            return _runner(kept, lambda q, k, v: kept_probs_out(q, k, v, scale))
+        infer = partial(_kept_probs_out_acc, scale=scale)  # no Python frame of its own
+        if not plain_autograd_fits(batch, n_queries, n_keys, acc):
+            return _runner(kept, infer)
         device_type = q.device.type
-        plain = plain_autograd_fits(batch, n_queries, n_keys, acc)
-        grad_enabled, autocast_may_be_on = torch.is_grad_enabled, _autocast_may_be_on
 
-        def run(q, k, v):
-            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                if plain and not autocast_may_be_on(device_type):
-                    return plain_autograd_out(q, k, v, scale)
-                return kept_probs_attention(q, k, v, scale, need_lse=False)[0]
-            return _kept_probs_out_acc(q, k, v, scale)
-        return run
+        def train(q, k, v):
+            if _autocast_may_be_on(device_type):  # autocast would lower torch's own bmm
+                return kept(q, k, v)
+            return plain_autograd_out(q, k, v, scale)
+        return _runner(train, infer)
