@@ -15,6 +15,7 @@ per-call Python in front of the ops costs.
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -48,22 +49,28 @@ def timed(fns, direction, q, k, v, g, scale):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def interleaved(fns, q, k, v, rounds=31):
-    """Inference forwards, medians of `rounds`; each round runs every provider, in an order that
-    alternates and rotates, so none always follows the same one (allocator and cache state)."""
-    inner = max(1, int(2e6 // (q.shape[0] * q.shape[2] * k.shape[2])))
-    names, times = list(fns), {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(q, k, v, 1.0)
-        for r in range(rounds):
-            order = names if r % 2 == 0 else names[::-1]
-            for name in order[r % len(names):] + order[:r % len(names)]:
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fns[name](q, k, v, 1.0)
-                times[name].append((time.perf_counter() - t0) / inner)
+def _rotating_medians(steps, inner, rounds=31):
+    """Median time of each step() over `rounds`; each round runs every step `inner` times, in an
+    order that alternates and rotates, so none always follows the same one (allocator and cache
+    state)."""
+    names, times = list(steps), {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order[r % len(names):] + order[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                steps[name]()
+            times[name].append((time.perf_counter() - t0) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def interleaved(fns, q, k, v, rounds=31):
+    """Inference forwards, medians of `rounds` (_rotating_medians)."""
+    with torch.no_grad():
+        return _rotating_medians({name: partial(fn, q, k, v, 1.0) for name, fn in fns.items()},
+                                 max(1, int(2e6 // (q.shape[0] * q.shape[2] * k.shape[2]))), rounds)
 
 
 def inference_rule():
@@ -83,24 +90,14 @@ def inference_rule():
 
 
 def interleaved_training(fns, q, k, v, g, rounds=31):
-    """fwd+bwd (torch.autograd.grad of out against g for q, k, v), medians of `rounds`, providers
-    in alternating, rotating order as in interleaved()."""
+    """fwd+bwd (torch.autograd.grad of out against g for q, k, v), medians of `rounds`
+    (_rotating_medians)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    inner = max(1, int(1e6 // (q.shape[0] * q.shape[2] * k.shape[2])))
-    names, times = list(fns), {name: [] for name in fns}
 
     def step(fn):
         torch.autograd.grad(fn(*leaves, 1.0), leaves, g)
-    for fn in fns.values():
-        step(fn)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order[r % len(names):] + order[:r % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step(fns[name])
-            times[name].append((time.perf_counter() - t0) / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return _rotating_medians({name: partial(step, fn) for name, fn in fns.items()},
+                             max(1, int(1e6 // (q.shape[0] * q.shape[2] * k.shape[2]))), rounds)
 
 
 def training_rule():
