@@ -5,11 +5,12 @@
 #     benchmarks/run_cpu_results.sh                 # torch's default thread count
 #     THREADS=1 benchmarks/run_cpu_results.sh       # on a machine shared with other work
 #     PYTHON=.venv/bin/python benchmarks/run_cpu_results.sh
-#     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: train stress gan quick pytest
+#     STEPS="gan quick" benchmarks/run_cpu_results.sh   # only some of: train stress wide gan batches
+#                                                       # r1 memory quick pytest
 #     NOTE="quiet machine" benchmarks/run_cpu_results.sh  # a remark printed with the tables
 #
-# About 4 min (train) + 5 min (stress) + 4 min (wide) + 10-15 min (gan) + 10 min (batches) + 1 min
-# (quick) on a 2-core CPU.
+# About 4 min (train) + 5 min (stress) + 4 min (wide) + 10-15 min (gan) + 10 min (batches) + 2 min
+# (r1) + 1 min (memory) + 1 min (quick) on a 2-core CPU.
 # `fastattn bench` uses 1 torch thread on a CPU unless THREADS says otherwise; it times the
 # providers of each case interleaved, and records the load average at the start of each step.
 set -euo pipefail
@@ -26,7 +27,7 @@ if [[ -n "${THREADS:-}" ]]; then
     BENCH_ARGS+=(--threads "$THREADS")
     PYTEST_THREAD_ARGS=(--fastattn-threads "$THREADS")
 fi
-STEPS=${STEPS:-train stress wide gan batches quick pytest}
+STEPS=${STEPS:-train stress wide gan batches r1 memory quick pytest}
 bench() { "$PY" -m fastattn bench --device cpu --no-progress "${BENCH_ARGS[@]}" "$@"; }
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -49,6 +50,17 @@ step gan && bench --preset gan --direction fwd,fwd+bwd \
 # Every gan site at B = 1, 2, 8, 32, 128, 256 as far as the work cap allows ("never slower than naive").
 step batches && bench --preset batches \
     --json "$OUT/batches.json" --markdown "$OUT/batches.md" | tee "$OUT/batches.txt"
+# The R1-style gradient penalty (forward, backward with create_graph, backward of the squared
+# gradients' sum) at the issue's R1 site, on 1 thread (or THREADS) and on 2.
+step r1 && bench --custom N=4096,M=1024,d_qk=16,d_v=64,B=4 --direction fwd+bwd+bwd2 \
+    --json "$OUT/r1_double_backward_1thread.json" --markdown "$OUT/r1_double_backward_1thread.md" | tail -n 4
+step r1 && "$PY" -m fastattn bench --device cpu --no-progress --threads 2 ${NOTE:+--note "$NOTE"} \
+    --custom N=4096,M=1024,d_qk=16,d_v=64,B=4 --direction fwd+bwd+bwd2 \
+    --json "$OUT/r1_double_backward.json" --markdown "$OUT/r1_double_backward.md" | tail -n 4
+# Peak memory of one generator training step with attention at 128x128, unpooled and pooled (a
+# fresh process per variant): benchmarks/results/gan_step_memory*.json.
+step memory && "$PY" benchmarks/gan_step_memory.py
+step memory && "$PY" benchmarks/gan_step_memory.py --pool --batch 4 --tag pooled
 # The CI-sized preset (the baseline for `fastattn bench --compare`).
 step quick && bench --preset quick --json "$OUT/quick.json" --markdown "$OUT/quick.md" | tee "$OUT/quick.txt"
 # The same providers through pytest-benchmark.
