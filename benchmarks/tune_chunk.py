@@ -7,7 +7,7 @@ time of each candidate (and SDPA's) ± half the inter-quartile range over the me
 site. The chosen values and their provenance live in fastattn/constants.py; the committed runs
 are in benchmarks/results/cpu/tune_chunk_*.txt.
 
-    python benchmarks/tune_chunk.py [--threads 1] [--mode budget|rows|double] [--rounds 7]
+    python benchmarks/tune_chunk.py [--threads 1] [--mode budget|rows|double] [--rounds 7] [--site ID]
 
 budget: the block buffer's bytes (TORCH_CHUNK_BYTES_ONE_THREAD on one torch thread, else
         TORCH_CHUNK_BYTES), fp32 fwd+bwd, at the pooled 4096 x 1024 and 16384 x 4096 sites and
@@ -89,11 +89,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=sorted(MODES), default="budget")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--site", action="append", metavar="ID",
+                        help="only this site of the mode (repeatable; default: all of them)")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error(f"--rounds must be at least 3 (a median and a spread), got {args.rounds}")
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
+    sites = [(site, batch) for site, batch in mode["sites"] if not args.site or site in args.site]
+    if not sites:
+        parser.error(f"--site must name sites of mode {args.mode!r}: {[site for site, _ in mode['sites']]}, "
+                     f"got {args.site}")
     name = mode.get("constant") or _budget_constant()
     unit = "MiB" if mode["unit"] == MIB else "rows"
     env = environment(torch.device("cpu"))
@@ -103,7 +109,7 @@ def main() -> None:
           f"{mode['direction']}, fp32, medians of "
           f"{args.rounds} interleaved rounds; time / naive time ± half-IQR")
     print(f"# current value: {getattr(constants, name) // mode['unit']} {unit}")
-    for site, batch in mode["sites"]:
+    for site, batch in sites:
         x = _inputs(site, batch)
         fns = {"naive": reference_attention, "sdpa": _sdpa}
         fns.update({f"{value} {unit}": _with_constant(name, value * mode["unit"]) for value in mode["values"]})

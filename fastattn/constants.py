@@ -6,8 +6,9 @@ import torch
 # --- torch backend -------------------------------------------------------------------------
 # Bytes of fp32 working memory per (B x chunk x M) logits buffer in the chunked torch backend.
 # The backward holds two such buffers (probabilities and their gradient), so working memory is
-# about 2x this, whatever N is. Measured with benchmarks/tune_chunk.py on the 2-core AMD EPYC dev
-# machine (2 MiB L2 per core, 32 MiB L3; torch 2.13.0+cpu, 2 threads, quiet), median fp32
+# about 2x this, whatever N is. Measured with the first benchmarks/tune_chunk.py (budgets one after
+# another, not interleaved) on the 2-core AMD EPYC dev machine (2 MiB L2 per core, 32 MiB L3;
+# torch 2.13.0+cpu, 2 threads, quiet), median fp32
 # forward+backward, B=1:       budget MiB:  1      2      4      8      16     32     64
 #   biggan256_G128 (N=16384, M=4096)        0.549  0.529  0.504  0.477  0.485  0.610  0.624 s
 #   stress_unpooled128 (N=M=16384)          1.924  1.711  1.690  1.610  2.396  2.237  1.885 s
@@ -19,7 +20,7 @@ import torch
 TORCH_CHUNK_BYTES = 8 * 2**20
 # With one torch thread (fastattn bench's CPU default, and any job pinned to one core) the best
 # budget is smaller: one core's 2 MiB L2. Measured (benchmarks/tune_chunk.py's method, interleaved
-# with naive and SDPA in rounds: /tmp script on measure.time_interleaved; 1 thread, shared 2-core AMD
+# with naive and SDPA in rounds, as benchmarks/tune_chunk.py now does; 1 thread, shared 2-core AMD
 # EPYC VM, load average 2-2.6, torch 2.13.0+cpu, 2026-12-02), fp32 fwd+bwd, fastattn / naive time:
 #                                     budget MiB:  1     2     4     8     (SDPA / naive)
 #   biggan128_G (4096x1024, d 24/96) B=1            0.51  0.54  0.57  0.61  (0.67)
@@ -27,6 +28,17 @@ TORCH_CHUNK_BYTES = 8 * 2**20
 #   biggan128_D (4096x1024, d 12/48) B=12           0.47  0.40  0.41  0.42  (0.78)
 #   biggan256_G128 (16384x4096, d 24/96) B=1        0.44  0.42  0.42  0.51  (0.73)
 # 2 MiB is best or within 0.03 of best at every one; at 2 threads 8 MiB stays (table above).
+# Re-measured with the committed sweep, `python benchmarks/tune_chunk.py --mode budget` (1 thread,
+# medians of 7 interleaved rounds, 2-core AMD EPYC VM with 1 MiB L2 per core, quiet, load average
+# 0.6-1.0, torch 2.13.0+cpu, 2026-12-03; benchmarks/results/cpu/tune_chunk_budget_1thread.txt):
+#                                     budget MiB:  1     2     4     8     (SDPA / naive)
+#   biggan128_G B=1                                 0.51  0.50  0.53  0.57  (0.84)
+#   biggan128_G B=6                                 0.50  0.49  0.53  0.51  (0.78)
+#   biggan128_D B=12                                0.29  0.29  0.29  0.31  (0.70)
+#   biggan256_G128 B=1                              0.32  0.33  0.33  0.33  (0.51)
+#   sagan64_unpooled_G (1024x1024, d 8/64) B=8      0.44  0.44  0.44  0.45  (0.84)
+# (spreads ±2-10%): 1-4 MiB tie within the noise on this host's smaller L2, 8 MiB is the slowest
+# or tied at every site; 2 MiB stays.
 TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
 # ... and a block never has fewer query rows than this when it can have them: with a large batch,
 # all samples times a few rows (studiogan64_G B=119, M=256: 17 rows in 2 MiB) makes each matmul too
@@ -46,6 +58,11 @@ TORCH_CHUNK_BYTES_ONE_THREAD = 2 * 2**20
 #   biggan256_G128 B=1 (16384x4096, 24/96)  0.58 -> 0.54,  0.47 -> 0.46
 # Minimum rows 32 instead of 128: 0.02-0.25 worse at every point; budgets 1 and 4 MiB: within the
 # spread of 2 MiB at the pooled sites, 4 MiB worse at studiogan64_G and sagan128_G (0.62-0.79).
+# Re-measured with `python benchmarks/tune_chunk.py --mode rows` (1 thread, 2 MiB blocks, medians
+# of 7 interleaved rounds, quiet, 2026-12-03; results/cpu/tune_chunk_rows_1thread.txt), fwd+bwd,
+# fastattn / naive time, min rows 32 / 128 / 256 (SDPA / naive):
+#   studiogan64_G B=119 0.51 / 0.47 / 0.48 (0.74); sagan128_G B=64 0.81 / 0.61 / 0.62 (0.81);
+#   sagan64_unpooled_G B=42 0.34 / 0.30 / 0.32 (0.64): 128 stays.
 TORCH_CHUNK_MIN_ROWS = 128
 
 # Bytes per (B x chunk x M) buffer in the double backward (backends/chunked_grad.py), which holds
@@ -58,6 +75,10 @@ TORCH_CHUNK_MIN_ROWS = 128
 #   sagan64-like (16, 8, 1024, 1024, 64), 1 thread: 2 MiB 0.26, 4 MiB 0.26, 8 MiB 0.28
 # 2 and 4 MiB tie and beat 8 MiB by up to 12%; 4 MiB keeps more rows per chunk at large B.
 # (The earlier 8 MiB came from a run at load 5-7 where no budget was clearly faster.)
+# Re-measured with `python benchmarks/tune_chunk.py --mode double` (1 thread, medians of 7
+# interleaved rounds, quiet, 2026-12-03; results/cpu/tune_chunk_double_1thread.txt), time / naive
+# at 2 / 4 / 8 MiB: R1 site 0.25 / 0.24 / 0.24; sagan64_unpooled_G B=16 0.30 / 0.30 / 0.30;
+# biggan128_D B=12 0.15 / 0.15 / 0.16 (spreads ±3-6%): a tie on this host; 4 MiB stays.
 DOUBLE_BACKWARD_CHUNK_BYTES = 4 * 2**20
 
 # Largest (B, N, M) probability matrix (bytes, in the accumulation dtype) that the torch backend
