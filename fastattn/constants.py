@@ -17,6 +17,12 @@ import torch
 # load average below 1, 2026-12-02; interleaved rounds, medians of 7), fwd+bwd fastattn / naive,
 # block budget 2 / 4 / 8 MiB: biggan128_G B=6 0.71 / 0.66 / 0.64; studiogan64_G B=119 0.85 / 0.83 /
 # 0.83; sagan64_unpooled_G B=8 0.62 / 0.60 / 0.59: 8 MiB stays.
+# Re-measured with `python benchmarks/tune_chunk.py --threads 2` (quiet, 2026-12-03, this host's
+# 1 MiB L2 per core; results/cpu/tune_chunk_budget_2threads.txt), 1 / 2 / 4 / 8 MiB, time / naive:
+# biggan128_G B=6 0.73 / 0.65 / 0.56 / 0.54, biggan128_D B=12 0.46 / 0.45 / 0.45 / 0.45,
+# sagan64_unpooled_G B=8 0.77 / 0.79 / 0.76 / 0.71; biggan256_G128 B=1 read 0.42 / 0.41 / 0.39 /
+# 0.53 in that run and 0.41 / 0.36 / 0.36 / 0.34 in a rerun of 11 rounds: two threads on this
+# 2-core VM spread ±8-25%, and no budget is faster than 8 MiB beyond that noise; 8 MiB stays.
 TORCH_CHUNK_BYTES = 8 * 2**20
 # With one torch thread (fastattn bench's CPU default, and any job pinned to one core) the best
 # budget is smaller: one core's 2 MiB L2. Measured (benchmarks/tune_chunk.py's method, interleaved
