@@ -52,10 +52,10 @@ step batches && bench --preset batches \
     --json "$OUT/batches.json" --markdown "$OUT/batches.md" | tee "$OUT/batches.txt"
 # The R1-style gradient penalty (forward, backward with create_graph, backward of the squared
 # gradients' sum) at the issue's R1 site, on 1 thread (or THREADS) and on 2.
-step r1 && bench --custom N=4096,M=1024,d_qk=16,d_v=64,B=4 --direction fwd+bwd+bwd2 \
+step r1 && bench --custom N=4096,M=1024,d_qk=16,d_v=64,B=4 --direction fwd+bwd+bwd2 --min-repeats 9 \
     --json "$OUT/r1_double_backward_1thread.json" --markdown "$OUT/r1_double_backward_1thread.md" | tail -n 4
 step r1 && "$PY" -m fastattn bench --device cpu --no-progress --threads 2 ${NOTE:+--note "$NOTE"} \
-    --custom N=4096,M=1024,d_qk=16,d_v=64,B=4 --direction fwd+bwd+bwd2 \
+    --custom N=4096,M=1024,d_qk=16,d_v=64,B=4 --direction fwd+bwd+bwd2 --min-repeats 9 \
     --json "$OUT/r1_double_backward.json" --markdown "$OUT/r1_double_backward.md" | tail -n 4
 # Peak memory of one generator training step with attention at 128x128, unpooled and pooled (a
 # fresh process per variant): benchmarks/results/gan_step_memory*.json.
