@@ -265,9 +265,10 @@ GAN_PARITY_FP64_RTOL = 1e-9
 GAN_PARITY_FP32_RTOL = 1e-5
 
 # --- fastattn.verify (fastattn/verify/) -------------------------------------------------------
-# `fastattn verify` times each model (original and swapped, per dtype, fwd and fwd+bwd) as
-# `fastattn bench` does (fastattn.bench.measure.time_call): one warm-up, then repeats until
-# VERIFY_MIN_TIME_S has passed, within [VERIFY_MIN_REPEATS, VERIFY_MAX_REPEATS]. Chosen, not
+# `fastattn verify` times the two models (original and swapped, per dtype, fwd and fwd+bwd)
+# interleaved, as `fastattn bench` does (fastattn.bench.measure.time_interleaved): one warm-up, then
+# rounds of one call each until each has spent VERIFY_MIN_TIME_S, within [VERIFY_MIN_REPEATS,
+# VERIFY_MAX_REPEATS] rounds (more while a spread stays over BENCH_STABLE_SPREAD). Chosen, not
 # measured: verify reports time side by side for a CI log, not a benchmark; a tenth of a second
 # per direction keeps a run of a small model within seconds. Use `fastattn bench` for figures.
 VERIFY_MIN_TIME_S = 0.1

@@ -295,53 +295,65 @@ def _describe(error: BaseException) -> str:
 
 def _timings(original: nn.Module, swapped: nn.Module, args: tuple, dtype_name: str, device: torch.device,
              backward: bool) -> list[TimingRow]:
+    """Time and peak memory of both models per direction. The two are timed interleaved (one
+    call of each per round, in alternating order: measure.time_interleaved), so that a change in
+    the machine's load between them cannot show up as a difference of the models (timed one after
+    the other on the shared 2-core dev CPU, the same two models read 1.19x; interleaved, 0.97-1.01x)."""
     from ..bench import measure
 
-    dtype = DTYPE_NAMES[dtype_name]
     rows = []
     for direction in ("fwd", "fwd+bwd") if backward else ("fwd",):
-        figures, notes = [], []
-        for source in (original, swapped):
-            model = deepcopy_detached(source).to(dtype).train(direction != "fwd")
-            inputs = pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t,
-                                     args)
-            leaves = [t.requires_grad_() for t in pytree.tree_leaves(inputs)
-                      if isinstance(t, Tensor) and t.is_floating_point() and direction != "fwd"]
-            targets = leaves + [p for p in model.parameters() if p.requires_grad]
-
-            def call(_, model=model, inputs=inputs, targets=targets):
-                if direction == "fwd":
-                    with torch.no_grad():
-                        return model(*inputs)
-                outs = [o for o in _tensors(model(*inputs)) if o.requires_grad]
-                return torch.autograd.grad([o.sum() for o in outs], targets, allow_unused=True)
-
-            try:
-                timing, _ = measure.time_call(lambda: None, call, device, VERIFY_MIN_TIME_S,
-                                              VERIFY_MIN_REPEATS, VERIFY_MAX_REPEATS)
-                ms = timing.median_s * 1e3
-            except Exception as error:  # noqa: BLE001 - reported, the checks say whether it runs
-                ms = None
-                notes.append(f"timing failed: {_describe(error)}")
+        calls = {name: (lambda: None, _timed_call(source, args, dtype_name, direction))
+                 for name, source in (("original", original), ("swapped", swapped))}
+        notes = []
+        timed = measure.time_interleaved(calls, device, VERIFY_MIN_TIME_S, VERIFY_MIN_REPEATS, VERIFY_MAX_REPEATS)
+        figures = {}
+        for name, (_, call) in calls.items():
+            outcome = timed[name]
+            if isinstance(outcome, BaseException):  # reported, the checks say whether it runs
+                figures[name] = None
+                notes.append(f"timing failed: {_describe(outcome)}")
+            else:
+                figures[name] = outcome[0].median_s * 1e3
             try:
                 if device.type == "cuda":
-                    peak = measure.peak_bytes_cuda(lambda: None, call, device)
+                    figures[name + " peak"] = measure.peak_bytes_cuda(lambda: None, call, device)
                 else:
-                    peak = measure.peak_bytes_cpu_in_process(lambda: None, call)
+                    figures[name + " peak"] = measure.peak_bytes_cpu_in_process(lambda: None, call)
             except Exception as error:  # noqa: BLE001
-                peak = None
+                figures[name + " peak"] = None
                 notes.append(f"peak memory not measured: {_describe(error)}")
-            figures += [ms, peak]
-        rows.append(TimingRow(dtype_name, direction, figures[0], figures[2], figures[1], figures[3],
-                              "; ".join(dict.fromkeys(notes))))
+        rows.append(TimingRow(dtype_name, direction, figures["original"], figures["swapped"],
+                              figures["original peak"], figures["swapped peak"], "; ".join(dict.fromkeys(notes))))
     return rows
+
+
+def _timed_call(source: nn.Module, args: tuple, dtype_name: str, direction: str):
+    """One timed call of a copy of `source` in `dtype_name`: eval mode without grad (fwd), or
+    training mode with the gradients of the floating inputs and the parameters (fwd+bwd)."""
+    dtype = DTYPE_NAMES[dtype_name]
+    model = deepcopy_detached(source).to(dtype).train(direction != "fwd")
+    # detached copies: requires_grad_ below must not change the caller's tensors
+    inputs = pytree.tree_map(lambda t: t.detach().to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t,
+                             args)
+    leaves = [t.requires_grad_() for t in pytree.tree_leaves(inputs)
+              if isinstance(t, Tensor) and t.is_floating_point() and direction != "fwd"]
+    targets = leaves + [p for p in model.parameters() if p.requires_grad]
+
+    def call(_):
+        if direction == "fwd":
+            with torch.no_grad():
+                return model(*inputs)
+        outs = [o for o in _tensors(model(*inputs)) if o.requires_grad]
+        return torch.autograd.grad([o.sum() for o in outs], targets, allow_unused=True)
+    return call
 
 
 def _timing_method(device: torch.device) -> str:
     memory = ("torch.cuda.max_memory_allocated() growth" if device.type == "cuda" else
               "growth of this process's resident peak (VmHWM) over one call, in process")
-    return (f"median of >= {VERIFY_MIN_REPEATS} calls and >= {VERIFY_MIN_TIME_S:g} s after a warm-up, as "
-            f"`fastattn bench` times; fwd: eval mode, no grad; fwd+bwd: training mode, gradients of the "
+    return (f"median of >= {VERIFY_MIN_REPEATS} calls and >= {VERIFY_MIN_TIME_S:g} s after a warm-up, the "
+            f"original and the swapped model interleaved (one call of each per round), as `fastattn bench` times; fwd: eval mode, no grad; fwd+bwd: training mode, gradients of the "
             f"inputs and parameters; peak memory: {memory}")
 
 

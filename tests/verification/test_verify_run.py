@@ -166,3 +166,49 @@ def test_bad_arguments_raise_naming_them(kwargs, message):
 def test_model_that_rejects_the_inputs_raises_a_usage_error():
     with pytest.raises(ValueError, match="raised on the example inputs in float64"):
         fastattn.verify(generator(), torch.randn(2, 17), timing=False)
+
+
+_CALLS: list[str] = []
+
+
+class _Tagged(nn.Module):
+    """Records its tag on every forward (copies keep the tag), so a test can see call order."""
+
+    def __init__(self, tag: str):
+        super().__init__()
+        self.tag = tag
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        _CALLS.append(self.tag)
+        return self.lin(x)
+
+
+def _longest_run(seq: list[str]) -> int:
+    best = run = 0
+    for i, item in enumerate(seq):
+        run = run + 1 if i and seq[i - 1] == item else 1
+        best = max(best, run)
+    return best
+
+
+def test_verify_times_the_original_and_the_swapped_model_interleaved(monkeypatch):
+    # timed one after the other, a change in the machine's load between the two showed up as a
+    # 1.19x "slowdown" of the swapped model; each round must run one call of each
+    from fastattn.bench import measure
+    from fastattn.constants import VERIFY_MIN_REPEATS
+    from fastattn.verification.run import _timings
+
+    monkeypatch.setattr(measure, "peak_bytes_cpu_in_process", lambda setup, call: 0)  # timing calls only
+    _CALLS.clear()
+    rows = _timings(_Tagged("original"), _Tagged("swapped"), (torch.randn(2, 4),), "float32",
+                    torch.device("cpu"), backward=False)
+    assert rows[0].original_ms > 0 and rows[0].swapped_ms > 0
+    assert _CALLS.count("original") >= VERIFY_MIN_REPEATS and _CALLS.count("swapped") >= VERIFY_MIN_REPEATS
+    assert _longest_run(_CALLS) <= 2, _CALLS
+
+
+def test_verify_timing_leaves_the_callers_inputs_as_they_were():
+    x = torch.randn(2, 3, 16, 16)
+    report = fastattn.verify(discriminator(), x, dtypes=("float32",))
+    assert report.timings and not x.requires_grad and x.grad is None
