@@ -120,6 +120,26 @@ def test_fused_layer_under_cpu_bf16_autocast_stays_close_to_fp32():
     assert_close(got.float(), want, dtype=torch.bfloat16, name="bf16 autocast output")
 
 
+def test_attention_core_switches_autocast_off_only_when_it_is_on(monkeypatch):
+    # entering torch.autocast costs microseconds per call: skipped when autocast is off, and
+    # under autocast the backend still runs with it off (its fp32 accumulation must not be lowered)
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return fastattn.reference_attention(q, k, v)
+
+    monkeypatch.setattr(fnn, "spatial_attention", spy)
+    q, k, v = torch.randn(1, 4, 6), torch.randn(1, 4, 3), torch.randn(1, 5, 3)
+    real_autocast = torch.autocast
+    with real_autocast("cpu", dtype=torch.bfloat16):
+        fnn.attention_core(q, k, v)
+    monkeypatch.setattr(torch, "autocast", lambda *a, **kw: pytest.fail("entered torch.autocast while it was off"))
+    out = fnn.attention_core(q, k, v)
+    assert seen == [False, False]
+    assert torch.equal(out, fastattn.reference_attention(q, k, v))
+
+
 def test_deepcopy_keeps_parameters_and_output():
     fused, _ = _pair(CONFIGS["pooled_bias"])
     twin = copy.deepcopy(fused)
