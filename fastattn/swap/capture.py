@@ -80,6 +80,18 @@ class _Lazy:
         return _Lazy(**fields)
 
 
+def _tensor_leaves(args: tuple, kwargs: dict) -> list:
+    """The tensors among a call's arguments: a flat scan when no argument is a container (the
+    common case, and what every op of a layer's forward costs at run time), pytree otherwise."""
+    leaves = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            leaves.append(value)
+        elif isinstance(value, (list, tuple, dict)):
+            return [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+    return leaves
+
+
 def _placeholder(lazy: _Lazy) -> Tensor:
     return torch.zeros((), dtype=lazy.dtype, device=lazy.q.device).expand(lazy.shape())
 
@@ -165,7 +177,16 @@ class AttentionCapture(TorchFunctionMode):
     # -- the dispatcher -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        if self.cores is not None and not self.lazy:
+            # run time with no placeholder alive (every op before the core): only the core's own
+            # calls need looking at, everything else runs as called. This path is what a swapped
+            # layer pays per op of its forward (convs, norms, spectral-norm hooks, pooling).
+            if func in CONTRACT:
+                return self._contract(func, CONTRACT[func], args, kwargs, [])
+            if func is SDPA:
+                return self._sdpa(args, kwargs)
+            return func(*args, **kwargs)
+        leaves = _tensor_leaves(args, kwargs)
         lazies = [lz for lz in (self._lazy_of(a) for a in leaves) if lz is not None]
         if func in CONTRACT or func is SDPA:
             if func is SDPA:
