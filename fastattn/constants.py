@@ -264,6 +264,15 @@ SWAP_PROBE_SEED = 0
 GAN_PARITY_FP64_RTOL = 1e-9
 GAN_PARITY_FP32_RTOL = 1e-5
 
+# --- swapped layers (fastattn/swap/) ------------------------------------------------------------
+# A layer captured by computation runs its own forward under a TorchFunctionMode that sees every
+# torch call it makes (convs, norms, spectral-norm hooks): a few microseconds per op, a few hundred
+# per call of a CIFAR-sized layer. Where the core's (B', N, M) matrix is at most this many bytes
+# (on the CPU, backend automatic), fastattn's torch backend computes the naive arithmetic itself
+# (kept probabilities), so capturing only adds that cost: such calls run the layer's forward as
+# written (swap/forward.py, direct_is_faster). Measured: see below.
+SWAP_DIRECT_MAX_BYTES = 2 * 2**20
+
 # --- fastattn.verify (fastattn/verify/) -------------------------------------------------------
 # `fastattn verify` times the two models (original and swapped, per dtype, fwd and fwd+bwd)
 # interleaved, as `fastattn bench` does (fastattn.bench.measure.time_interleaved): one warm-up, then

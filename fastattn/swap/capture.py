@@ -152,6 +152,7 @@ class AttentionCapture(TorchFunctionMode):
         self.reasons: list[str] = []
         self.misses: list[int] = []
         self.softmax_seen = False
+        self.core_shapes: list[tuple] = []  # (B', N, M, dtype, device type) of each core computed
         self.narrowest: torch.dtype | None = None  # lowest float precision the core passes through
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -421,6 +422,7 @@ class AttentionCapture(TorchFunctionMode):
 
         dtype = q.dtype
         k, v = k.to(dtype), v.to(dtype)
+        self.core_shapes.append((q.shape[0], q.shape[2], k.shape[2], dtype, q.device.type))
         if self.recorder is None:
             return attention_core(q, k, v, scale=scale, backend=self.backend)
         out, lse = attention_core(q, k, v, scale=scale, backend=self.backend, return_lse=True)

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import inspect
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.utils import _pytree as pytree
+
+from .. import constants
 from ..attention_map import AttentionMap
+from ..dispatch import env_backend
 from ..nn import attention_core
-from ..reference import default_scale
+from ..reference import accumulation_dtype, default_scale
 from .capture import AttentionCapture, warn_miss
 from .families import AttentionFamily, forward_signature
 
 __all__ = ["run_family", "run_traced", "is_swapped", "install_forward", "uninstall_forward", "SwapState",
-           "STATE", "ThreadRecorder"]
+           "STATE", "ThreadRecorder", "always_capture", "direct_is_faster"]
 
 STATE = "_fastattn_swap"
 # the instance attributes install_forward sets besides STATE (see install_forward)
@@ -60,6 +65,8 @@ class SwapState:
     backend: str | None
     recorder: ThreadRecorder | None = field(default=None, compare=False)  # while a thread records
     cores: dict | None = None  # traced: {training: positions of the core calls} (capture.py)
+    # traced: call signature -> whether calls of it run the class's forward as written (direct)
+    direct: dict = field(default_factory=dict, compare=False, repr=False)
     pattern: str = ""
     layer: str = ""  # qualified name in the model it was swapped in, for messages
 
@@ -82,9 +89,65 @@ def _refuse_jit(module: nn.Module, what: str):
     raise TypeError(_JIT_REFUSAL.format(what=what, layer=layer, kind=type(module).__name__))
 
 
+_DIRECT_SIGNATURES_MAX = 64
+_ALWAYS_CAPTURE = threading.local()
+
+
+@contextmanager
+def always_capture():
+    """Within it (this thread), captured layers run their core through fastattn at every size:
+    what fastattn.verify checks, so that a small example input still exercises fastattn's core."""
+    depth = getattr(_ALWAYS_CAPTURE, "depth", 0)
+    _ALWAYS_CAPTURE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _ALWAYS_CAPTURE.depth = depth
+
+
+def _call_signature(training: bool, args, kwargs):
+    """What decides a captured layer's core sizes and fastattn's path for a call: shapes, dtypes
+    and devices of the tensor arguments, the other arguments' values, training and grad mode.
+    None when an argument is of a kind not keyed here (then the call is always captured)."""
+    parts = [training, torch.is_grad_enabled(), tuple(kwargs)]
+    values = (*args, *kwargs.values())
+    if any(type(value) in (list, tuple, dict) for value in values):
+        values = pytree.tree_leaves(values)
+    for value in values:
+        if isinstance(value, Tensor):
+            parts.append((value.shape, value.dtype, value.device, value.requires_grad))
+        elif value is None or type(value) in (bool, int, float, str):
+            parts.append(value)
+        else:
+            return None
+    return tuple(parts)
+
+
+def direct_is_faster(core_shapes: list, backend: str | None) -> bool:
+    """Whether calls like these run faster as the class's own forward than captured: every core
+    on the CPU, the backend automatic, and its (B', N, M) matrix within SWAP_DIRECT_MAX_BYTES,
+    where fastattn's torch backend computes the naive arithmetic itself (kept probabilities) and
+    capturing costs more per call than it saves (constants.py has the measurements)."""
+    if backend is not None or env_backend() is not None or not core_shapes:
+        return False
+    for batch, n_queries, n_keys, dtype, device_type in core_shapes:
+        if device_type != "cpu":
+            return False
+        if batch * n_queries * n_keys * accumulation_dtype(dtype).itemsize > constants.SWAP_DIRECT_MAX_BYTES:
+            return False
+    return True
+
+
 def run_traced(module: nn.Module, state: SwapState, args, kwargs):
-    """The user's own forward, with only the attention core found at swap time run by fastattn."""
+    """The user's own forward, with only the attention core found at swap time run by fastattn;
+    calls too small for that to pay (direct_is_faster, decided on a signature's first call) run
+    the forward as written."""
     recorder = state.recorder if state.recorder is not None and state.recorder.active() else None
+    signature = None
+    if recorder is None and not torch.compiler.is_compiling() and not getattr(_ALWAYS_CAPTURE, "depth", 0):
+        signature = _call_signature(module.training, args, kwargs)
+        if signature is not None and state.direct.get(signature):
+            return type(module).forward(module, *args, **kwargs)
     mode = AttentionCapture(state.cores.get(module.training), backend=state.backend,
                             recorder=recorder)
     with mode:
@@ -92,6 +155,10 @@ def run_traced(module: nn.Module, state: SwapState, args, kwargs):
     output, _ = mode.finish(output)
     if mode.misses:
         warn_miss(type(module).__name__, mode.misses)
+    elif signature is not None:
+        if len(state.direct) >= _DIRECT_SIGNATURES_MAX:
+            state.direct.clear()
+        state.direct[signature] = direct_is_faster(mode.core_shapes, state.backend)
     return output
 
 

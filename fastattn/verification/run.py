@@ -35,6 +35,7 @@ from ..constants import (ERROR_FLOOR, ERROR_RATIO_GRAD, ERROR_RATIO_OUT, VERIFY_
 from ..dispatch import check_backend_name
 from ..nn import SelfAttention2d
 from ..swap import swap_attention, unswap
+from ..swap.forward import always_capture
 from ..swap.probe import deepcopy_detached
 from .report import Check, LayerReport, TimingRow, VerifyReport
 
@@ -427,8 +428,10 @@ def verify(model: nn.Module, example_inputs, *, dtypes=("float64", "float32", "b
                 why = f"the original model does not run in {dtype_name} on {device.type}: {_describe(error)}"
                 break
             try:
-                runs[mode] = (ref, orig, _run(swapped, args, DTYPE_NAMES[dtype_name], mode == "train",
-                                              layer_names, backward, double_backward, seed, device))
+                with always_capture():  # fastattn's core at every size, even a small example input's
+                    swap = _run(swapped, args, DTYPE_NAMES[dtype_name], mode == "train", layer_names,
+                                backward, double_backward, seed, device)
+                runs[mode] = (ref, orig, swap)
             except Exception as error:  # noqa: BLE001 - a failed check, reported
                 model_checks.append(Check("runs", dtype_name, mode, ok=False,
                                           message=f"the swapped model raised {_describe(error)}"))
