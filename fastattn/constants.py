@@ -270,8 +270,19 @@ GAN_PARITY_FP32_RTOL = 1e-5
 # per call of a CIFAR-sized layer. Where the core's (B', N, M) matrix is at most this many bytes
 # (on the CPU, backend automatic), fastattn's torch backend computes the naive arithmetic itself
 # (kept probabilities), so capturing only adds that cost: such calls run the layer's forward as
-# written (swap/forward.py, direct_is_faster). Measured: see below.
-SWAP_DIRECT_MAX_BYTES = 2 * 2**20
+# written (swap/forward.py, direct_is_faster); SWAP_DIRECT_MAX_BYTES_GRAD applies where autograd
+# records the call (grad enabled), whose captured path gains more from fastattn's backward.
+# Measured with `python benchmarks/swap_overhead.py --min-time 0.3` (1 thread, 2-core AMD EPYC VM,
+# quiet, 2026-12-03; results/cpu/swap_overhead_2mib.md): six corpus layers (SN + avg-pooled,
+# BigGAN y-ignored, channels-last Linear, GroupNorm AttnBlock, 4-head einsum, SDPA heads) at B = 1
+# and 8, 8x8 to 32x32; captured time / the layer as written, by the core's fp32 matrix per call:
+#   <= 1 MiB:  fwd 1.25-2.89, fwd+bwd 1.04-1.76 (sdpa_heads at 256-512 KiB: 0.95-1.03)
+#      2 MiB:  fwd 1.12-1.20, fwd+bwd 0.98-1.09   (linear_channels_last, groupnorm_attnblock, B=8 16x16)
+#      4 MiB:  fwd 0.77-1.08, fwd+bwd 0.81-1.02   (the same at B=1 32x32, sdpa_heads B=8 16x16)
+#      8 MiB:  fwd 0.68-0.94, fwd+bwd 0.69-0.84   (four layers); 16-128 MiB: 0.34-0.87
+# So calls without a graph run as written up to 4 MiB, calls with one up to 2 MiB.
+SWAP_DIRECT_MAX_BYTES = 4 * 2**20
+SWAP_DIRECT_MAX_BYTES_GRAD = 2 * 2**20
 
 # --- fastattn.verify (fastattn/verify/) -------------------------------------------------------
 # `fastattn verify` times the two models (original and swapped, per dtype, fwd and fwd+bwd)

@@ -123,17 +123,19 @@ def _call_signature(training: bool, args, kwargs):
     return tuple(parts)
 
 
-def direct_is_faster(core_shapes: list, backend: str | None) -> bool:
+def direct_is_faster(core_shapes: list, backend: str | None, grad: bool = False) -> bool:
     """Whether calls like these run faster as the class's own forward than captured: every core
-    on the CPU, the backend automatic, and its (B', N, M) matrix within SWAP_DIRECT_MAX_BYTES,
-    where fastattn's torch backend computes the naive arithmetic itself (kept probabilities) and
-    capturing costs more per call than it saves (constants.py has the measurements)."""
+    on the CPU, the backend automatic, and its (B', N, M) matrix within SWAP_DIRECT_MAX_BYTES
+    (SWAP_DIRECT_MAX_BYTES_GRAD when autograd records the call, `grad`), where fastattn's torch
+    backend computes the naive arithmetic itself (kept probabilities) and capturing costs more
+    per call than it saves (constants.py has the measurements)."""
     if backend is not None or env_backend() is not None or not core_shapes:
         return False
+    budget = constants.SWAP_DIRECT_MAX_BYTES_GRAD if grad else constants.SWAP_DIRECT_MAX_BYTES
     for batch, n_queries, n_keys, dtype, device_type in core_shapes:
         if device_type != "cpu":
             return False
-        if batch * n_queries * n_keys * accumulation_dtype(dtype).itemsize > constants.SWAP_DIRECT_MAX_BYTES:
+        if batch * n_queries * n_keys * accumulation_dtype(dtype).itemsize > budget:
             return False
     return True
 
@@ -158,7 +160,7 @@ def run_traced(module: nn.Module, state: SwapState, args, kwargs):
     elif signature is not None:
         if len(state.direct) >= _DIRECT_SIGNATURES_MAX:
             state.direct.clear()
-        state.direct[signature] = direct_is_faster(mode.core_shapes, state.backend)
+        state.direct[signature] = direct_is_faster(mode.core_shapes, state.backend, torch.is_grad_enabled())
     return output
 
 

@@ -1,0 +1,145 @@
+"""Layers captured by computation run their forward as written where capturing cannot pay (CPU,
+automatic backend, core matrix within SWAP_DIRECT_MAX_BYTES), decided per call signature; larger
+calls, a named backend, recording and fastattn.verify's checks capture the core."""
+import copy
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import constants, swap_attention
+from fastattn.swap import capture
+from fastattn.swap.forward import STATE, always_capture, direct_is_faster
+from swap_corpus import CORPUS
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """How many calls ran under the capture mode."""
+    entered = []
+    real = capture.AttentionCapture.__enter__
+
+    def counting(self):
+        if self.cores is not None:  # run time, not the swap-time analysis
+            entered.append(self)
+        return real(self)
+
+    monkeypatch.setattr(capture.AttentionCapture, "__enter__", counting)
+    return entered
+
+
+def _layer(name="param_sn_avgpool", channels=16, **swap_kwargs):
+    build, _, _ = CORPUS[name]
+    torch.manual_seed(0)
+    original = type(build())(channels)
+    with torch.no_grad():
+        for param in original.parameters():
+            if param.numel() == 1:
+                param.fill_(0.6)
+    swapped = copy.deepcopy(original)
+    handle = swap_attention(swapped, **swap_kwargs)
+    assert handle.swapped and handle.swapped[0].family == "traced", handle.summary()
+    return original, swapped, handle
+
+
+def test_a_small_call_runs_the_forward_as_written_after_its_first_call(captures):
+    original, swapped, _ = _layer()
+    captures.clear()  # the probe at swap time
+    original.eval(), swapped.eval()  # no spectral-norm power iteration between the calls
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        first = swapped(x)
+        assert len(captures) == 1  # the first call of a signature captures and measures the core
+        again = [swapped(x) for _ in range(3)]
+        assert len(captures) == 1
+        want = original(x)
+    torch.testing.assert_close(first, want)
+    for out in again:
+        assert torch.equal(out, want)  # the very forward the user wrote
+    [decision] = swapped.__dict__[STATE].direct.values()
+    assert decision is True
+
+
+def test_a_new_signature_is_decided_again_and_a_large_core_stays_captured(captures, monkeypatch):
+    _, swapped, _ = _layer()
+    captures.clear()
+    with torch.no_grad():
+        swapped(torch.randn(2, 16, 8, 8))
+        swapped(torch.randn(2, 16, 8, 8))
+        assert len(captures) == 1
+        swapped(torch.randn(3, 16, 8, 8))  # another batch: another signature
+        assert len(captures) == 2
+        # a core above the budget: every call through fastattn
+        monkeypatch.setattr(constants, "SWAP_DIRECT_MAX_BYTES", 0)
+        monkeypatch.setattr(constants, "SWAP_DIRECT_MAX_BYTES_GRAD", 0)
+        for _ in range(3):
+            swapped(torch.randn(4, 16, 8, 8))
+        assert len(captures) == 5
+
+
+def test_training_calls_are_keyed_apart_from_inference_and_match_the_original(captures):
+    original, swapped, _ = _layer()
+    captures.clear()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        swapped.eval()(x)
+    xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_s, out_o = swapped.train()(xs), original.train()(xo)
+    assert len(captures) == 2  # grad mode and training are part of the signature
+    out_s.sum().backward()
+    out_o.sum().backward()
+    torch.testing.assert_close(xs.grad, xo.grad)
+
+
+def test_a_named_backend_recording_and_always_capture_keep_the_core_on_fastattn(captures):
+    _, named, _ = _layer(backend="torch")
+    captures.clear()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            named(x)
+    assert len(captures) == 3  # the user asked for a backend: it runs, at every size
+
+    _, swapped, handle = _layer()
+    captures.clear()
+    with torch.no_grad():
+        swapped(x)
+        swapped(x)
+        assert len(captures) == 1
+        with handle.recording() as maps:
+            swapped(x)
+        assert len(captures) == 2 and len(maps) == 1  # maps need the captured core
+        with always_capture():
+            swapped(x)
+        assert len(captures) == 3
+
+
+def test_verify_checks_fastattns_core_even_on_a_small_example_input(captures):
+    original, _, _ = _layer()
+    captures.clear()
+    report = fastattn.verify(original, torch.randn(2, 16, 8, 8), dtypes=("float32",), timing=False)
+    assert report.ok, str(report)
+    assert len(captures) >= 4  # the swapped model's eval and train runs all captured
+
+
+@pytest.mark.parametrize("shapes, backend, want", [
+    ([(2, 64, 16, torch.float32, "cpu")], None, True),
+    ([(2, 64, 16, torch.float32, "cuda")], None, False),  # GPU: the Triton kernel, not measured here
+    ([(2, 64, 16, torch.float32, "cpu")], "torch", False),
+    ([], None, False),
+])
+def test_direct_is_faster_rule(shapes, backend, want):
+    assert direct_is_faster(shapes, backend) is want
+
+
+def test_direct_rule_follows_the_budget_and_the_accumulation_dtype(monkeypatch):
+    monkeypatch.setattr(constants, "SWAP_DIRECT_MAX_BYTES", 2 * 64 * 16 * 4)
+    monkeypatch.setattr(constants, "SWAP_DIRECT_MAX_BYTES_GRAD", 2 * 64 * 8 * 4)
+    assert not direct_is_faster([(2, 64, 16, torch.float32, "cpu")], None, grad=True)
+    assert direct_is_faster([(2, 64, 8, torch.float32, "cpu")], None, grad=True)
+    assert direct_is_faster([(2, 64, 16, torch.float32, "cpu")], None)
+    assert direct_is_faster([(2, 64, 16, torch.bfloat16, "cpu")], None)  # accumulated in fp32: 4 bytes
+    assert not direct_is_faster([(2, 64, 16, torch.float64, "cpu")], None)
+    assert not direct_is_faster([(2, 64, 17, torch.float32, "cpu")], None)
+    monkeypatch.setenv("FASTATTN_BACKEND", "torch")
+    assert not direct_is_faster([(2, 64, 16, torch.float32, "cpu")], None)
