@@ -143,3 +143,33 @@ def test_direct_rule_follows_the_budget_and_the_accumulation_dtype(monkeypatch):
     assert not direct_is_faster([(2, 64, 17, torch.float32, "cpu")], None)
     monkeypatch.setenv("FASTATTN_BACKEND", "torch")
     assert not direct_is_faster([(2, 64, 16, torch.float32, "cpu")], None)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_every_corpus_layer_gives_the_originals_output_captured_and_then_as_written(name, captures):
+    build, shape, _ = CORPUS[name]
+    layer, original = build().double().eval(), build().double().eval()  # same seed
+    with torch.no_grad():
+        for module in (layer, original):
+            for param in module.parameters(recurse=False):
+                if param.numel() == 1:
+                    param.fill_(0.6)
+    handle = swap_attention(layer)
+    assert len(handle.swapped) == 1, handle.summary()
+    traced = handle.swapped[0].family == "traced"
+    captures.clear()
+    torch.manual_seed(1)
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    extra = (torch.randn(2, shape[0], dtype=torch.float64),) if name.startswith("biggan_y") else ()
+    # the original rounds its map to fp32 (`.float().softmax().type(dtype)`): fastattn's core keeps fp64
+    tol = dict(rtol=1e-5, atol=1e-6) if name == "float_softmax_heads_in_batch" else dict(rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        for call in range(3):  # both every time: a hand-written spectral norm updates u on each call
+            got = torch.utils._pytree.tree_leaves(layer(x, *extra))
+            want = torch.utils._pytree.tree_leaves(original(x, *extra))
+            for a, b in zip(got, want):
+                b = b.materialize() if isinstance(b, fastattn.AttentionMap) else b
+                a = a.materialize() if isinstance(a, fastattn.AttentionMap) else a
+                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} call {call}: {m}")
+    # traced layers: the first call captured, the two after it ran as written (small core)
+    assert len(captures) == (1 if traced else 0)
