@@ -15,6 +15,7 @@ from tests/swap/swap_corpus.py (written the ways public GAN and diffusion code w
 built at C = 64 (C = 128 for the multi-head ones).
 
     python benchmarks/swap_overhead.py [--threads 1] [--min-time 0.5]
+    python benchmarks/swap_overhead.py --swap-time   # what swap_attention itself takes
 """
 from __future__ import annotations
 
@@ -72,13 +73,51 @@ def _call(layer, x, direction):
     return call
 
 
+def swap_times(repeats: int = 7) -> None:
+    """Median wall time of fastattn.swap_attention per corpus layer (fp32, the corpus's own widths:
+    trace in eval and training mode, then the probe) and on the reference GAN's G + D."""
+    import statistics
+    import time
+
+    from fastattn.models import Discriminator, Generator
+
+    def median_time(make):
+        times = []
+        for _ in range(repeats):
+            model = make()
+            start = time.perf_counter()
+            handle = swap_attention(model)
+            times.append(time.perf_counter() - start)
+            assert handle.swapped, handle.summary()
+        return statistics.median(times)
+
+    print(f"# swap_attention wall time, medians of {repeats} (a fresh model each)")
+    layer_times = []
+    for name, (build, (channels, _, _), _) in CORPUS.items():
+        t = median_time(build)
+        layer_times.append(t)
+        print(f"{name} (C={channels}): {t * 1e3:.0f} ms")
+    print(f"corpus layers: median {statistics.median(layer_times) * 1e3:.0f} ms, "
+          f"range {min(layer_times) * 1e3:.0f}-{max(layer_times) * 1e3:.0f} ms")
+
+    def gan():
+        return torch.nn.ModuleDict({"G": Generator(32, attention="naive"), "D": Discriminator(32, attention="naive")})
+    print(f"reference GAN (Generator(32) + Discriminator(32), naive layers): {median_time(gan) * 1e3:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per provider and case (at least)")
+    parser.add_argument("--swap-time", action="store_true",
+                        help="time swap_attention itself per corpus layer and on the reference GAN, then stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = environment(torch.device("cpu"))
+    if args.swap_time:
+        print(f"# {machine_line(env)}")
+        swap_times()
+        return
     commit = env.get("git_commit") or "unknown"
     print(f"# {machine_line(env)}, commit {commit[:8] + ('-dirty' if commit.endswith('-dirty') else '')}; "
           f"medians of interleaved rounds (>= {args.min_time:g} s and 10 rounds each); time / original time")
