@@ -123,19 +123,24 @@ def _call_signature(training: bool, args, kwargs):
     return tuple(parts)
 
 
-def direct_is_faster(core_shapes: list, backend: str | None, grad: bool = False) -> bool:
+def direct_is_faster(core_shapes: list, backend: str | None, grad: bool = False, map_made: bool = False) -> bool:
     """Whether calls like these run faster as the class's own forward than captured: every core
     on the CPU, the backend automatic, and its (B', N, M) matrix within SWAP_DIRECT_MAX_BYTES
     (SWAP_DIRECT_MAX_BYTES_GRAD when autograd records the call, `grad`), where fastattn's torch
     backend computes the naive arithmetic itself (kept probabilities) and capturing costs more
-    per call than it saves (constants.py has the measurements)."""
+    per call than it saves (constants.py has the measurements). A forward that makes its
+    attention map real anyway (`map_made`: it returns the map, or averages it over heads, ...)
+    computed it twice when captured (1.20-1.30x at 8-32 MiB): without a graph such calls run as
+    written at any size."""
     if backend is not None or env_backend() is not None or not core_shapes:
         return False
     budget = constants.SWAP_DIRECT_MAX_BYTES_GRAD if grad else constants.SWAP_DIRECT_MAX_BYTES
+    if map_made and not grad:
+        budget = None
     for batch, n_queries, n_keys, dtype, device_type in core_shapes:
         if device_type != "cpu":
             return False
-        if batch * n_queries * n_keys * accumulation_dtype(dtype).itemsize > budget:
+        if budget is not None and batch * n_queries * n_keys * accumulation_dtype(dtype).itemsize > budget:
             return False
     return True
 
@@ -154,13 +159,14 @@ def run_traced(module: nn.Module, state: SwapState, args, kwargs):
                             recorder=recorder)
     with mode:
         output = type(module).forward(module, *args, **kwargs)
-    output, _ = mode.finish(output)
+    output, returned = mode.finish(output)
     if mode.misses:
         warn_miss(type(module).__name__, mode.misses)
     elif signature is not None:
         if len(state.direct) >= _DIRECT_SIGNATURES_MAX:
             state.direct.clear()
-        state.direct[signature] = direct_is_faster(mode.core_shapes, state.backend, torch.is_grad_enabled())
+        state.direct[signature] = direct_is_faster(mode.core_shapes, state.backend, torch.is_grad_enabled(),
+                                                   map_made=bool(returned or mode.materialised))
     return output
 
 

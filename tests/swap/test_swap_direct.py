@@ -141,6 +141,10 @@ def test_direct_rule_follows_the_budget_and_the_accumulation_dtype(monkeypatch):
     assert direct_is_faster([(2, 64, 16, torch.bfloat16, "cpu")], None)  # accumulated in fp32: 4 bytes
     assert not direct_is_faster([(2, 64, 16, torch.float64, "cpu")], None)
     assert not direct_is_faster([(2, 64, 17, torch.float32, "cpu")], None)
+    big = [(8, 1024, 1024, torch.float32, "cpu")]  # 32 MiB
+    assert direct_is_faster(big, None, map_made=True)  # the map is materialised anyway
+    assert not direct_is_faster(big, None, grad=True, map_made=True)  # fastattn's backward pays
+    assert not direct_is_faster(big, "torch", map_made=True)
     monkeypatch.setenv("FASTATTN_BACKEND", "torch")
     assert not direct_is_faster([(2, 64, 16, torch.float32, "cpu")], None)
 
@@ -173,3 +177,23 @@ def test_every_corpus_layer_gives_the_originals_output_captured_and_then_as_writ
                 torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} call {call}: {m}")
     # traced layers: the first call captured, the two after it ran as written (small core)
     assert len(captures) == (1 if traced else 0)
+
+
+@pytest.mark.parametrize("name", ["returns_map_at", "multihead_pooled_returns_map"])  # the map, its head mean
+def test_a_layer_that_makes_its_map_real_runs_as_written_without_a_graph_at_any_size(name, captures, monkeypatch):
+    monkeypatch.setattr(constants, "SWAP_DIRECT_MAX_BYTES", 0)  # every core "large"
+    monkeypatch.setattr(constants, "SWAP_DIRECT_MAX_BYTES_GRAD", 0)
+    channels = CORPUS[name][1][0]
+    original, swapped, _ = _layer(name, channels)
+    original.eval(), swapped.eval()
+    captures.clear()
+    x = torch.randn(2, channels, 6, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            out, amap = swapped(x)
+        want_out, want_map = original(x)
+    assert len(captures) == 1 and torch.equal(out, want_out) and torch.equal(amap, want_map)
+    xs = x.clone().requires_grad_()
+    for _ in range(2):
+        swapped(xs)[0].sum().backward()
+    assert len(captures) == 3  # with a graph, a large core stays on fastattn
