@@ -109,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per provider and case (at least)")
+    parser.add_argument("--layer", action="append", choices=sorted(CORPUS), metavar="NAME",
+                        help=f"corpus layers to time (repeatable; default: {', '.join(LAYERS)})")
     parser.add_argument("--swap-time", action="store_true",
                         help="time swap_attention itself per corpus layer and on the reference GAN, then stop")
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
           f"medians of interleaved rounds (>= {args.min_time:g} s and 10 rounds each); time / original time")
     print("| layer | B | H=W | core matrix | dir | original ms | captured | swapped |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in LAYERS:
+    for name in args.layer or LAYERS:
         build, (channels, _, _), _ = CORPUS[name]
         channels = 128 if channels >= 64 else 64
         cls = type(build())
