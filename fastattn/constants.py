@@ -281,10 +281,10 @@ GAN_PARITY_FP32_RTOL = 1e-5
 #      4 MiB:  fwd 0.77-1.08, fwd+bwd 0.81-1.02   (the same at B=1 32x32, sdpa_heads B=8 16x16)
 #      8 MiB:  fwd 0.68-0.94, fwd+bwd 0.69-0.84   (four layers); 16-128 MiB: 0.34-0.87
 # So calls without a graph run as written up to 4 MiB, calls with one up to 2 MiB. A forward that
-# makes its map real anyway (returns it, or its mean over heads) ran 1.20-1.30x captured without a
-# graph at B=8 32x32 (returns_map_at, multihead_pooled_returns_map; /tmp interleaved script of
-# swap_overhead.py's kind, 2026-12-03): such calls run as written at any size (0.96-1.03x after),
-# with a graph they stay captured (0.61-0.99x).
+# makes its map real anyway (returns it, or its mean over heads) ran 1.16-3.40x captured without a
+# graph at every size (returns_map_at, multihead_pooled_returns_map, `swap_overhead.py --layer ...`,
+# results/cpu/swap_overhead_maps.md): such calls run as written at any size (0.97-1.03x after, one
+# case 1.08 that reran at 1.01-1.02); with a graph they stay captured above 2 MiB (0.58-1.02x).
 SWAP_DIRECT_MAX_BYTES = 4 * 2**20
 SWAP_DIRECT_MAX_BYTES_GRAD = 2 * 2**20
 
