@@ -28,7 +28,7 @@ import torch
 
 from fastattn import swap_attention
 from fastattn.bench.measure import time_interleaved
-from fastattn.bench.report import environment, machine_line
+from fastattn.bench.report import environment, machine_line, short_commit
 from fastattn.swap.forward import always_capture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "swap"))
@@ -120,8 +120,7 @@ def main() -> None:
         print(f"# {machine_line(env)}")
         swap_times()
         return
-    commit = env.get("git_commit") or "unknown"
-    print(f"# {machine_line(env)}, commit {commit[:8] + ('-dirty' if commit.endswith('-dirty') else '')}; "
+    print(f"# {machine_line(env)}, commit {short_commit(env)}; "
           f"medians of interleaved rounds (>= {args.min_time:g} s and 10 rounds each); time / original time")
     print("| layer | B | H=W | core matrix | dir | original ms | captured | swapped |")
     print("|---|---|---|---|---|---|---|---|")

@@ -27,7 +27,7 @@ import torch
 from fastattn import constants, spatial_attention
 from fastattn.bench.measure import CaseInputs, make_call, time_interleaved
 from fastattn.bench.presets import PENALTY_DIRECTION
-from fastattn.bench.report import environment, machine_line
+from fastattn.bench.report import environment, machine_line, short_commit
 from fastattn.functional import clear_dispatch_cache
 from fastattn.reference import reference_attention
 from fastattn.shapes import gan_shape
@@ -103,9 +103,7 @@ def main() -> None:
     name = mode.get("constant") or _budget_constant()
     unit = "MiB" if mode["unit"] == MIB else "rows"
     env = environment(torch.device("cpu"))
-    commit = env.get("git_commit") or "unknown"
-    commit = commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
-    print(f"# {args.mode}: {name}; {machine_line(env)}, commit {commit}; "
+    print(f"# {args.mode}: {name}; {machine_line(env)}, commit {short_commit(env)}; "
           f"{mode['direction']}, fp32, medians of "
           f"{args.rounds} interleaved rounds; time / naive time ± half-IQR")
     print(f"# current value: {getattr(constants, name) // mode['unit']} {unit}")

@@ -117,6 +117,12 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def short_commit(env: dict) -> str:
+    """The commit of `env` in 8 hex digits, with "-dirty" kept: for one-line result headers."""
+    commit = env.get("git_commit") or "unknown"
+    return commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def machine_line(env: dict) -> str:
     if env.get("device_type") == "cuda":
         return (f"{env['device']} (sm {env.get('compute_capability')}, {env.get('sm_count')} SMs), "

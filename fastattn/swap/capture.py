@@ -45,8 +45,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .torch_calls import (CAST, CONTRACT, DIV, META_METHODS, META_PROPS, MUL, PERMUTE, SDPA, SOFTMAX, VIEW, WHAT,
-                          constant_scalar, contraction_operands, contraction_roles, fold, func_name, int_dim,
-                          property_name, result_dtype)
+                          call_arguments, constant_scalar, contraction_operands, contraction_roles, fold, func_name,
+                          int_dim, property_name, result_dtype)
 
 __all__ = ["AttentionCapture", "Plan", "analyse", "materialise_outputs"]
 
@@ -78,18 +78,6 @@ class _Lazy:
                       narrowest=self.narrowest)
         fields.update(changes)
         return _Lazy(**fields)
-
-
-def _tensor_leaves(args: tuple, kwargs: dict) -> list:
-    """The tensors among a call's arguments: a flat scan when no argument is a container (the
-    common case, and what every op of a layer's forward costs at run time), pytree otherwise."""
-    leaves = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            leaves.append(value)
-        elif isinstance(value, (list, tuple, dict)):
-            return [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
-    return leaves
 
 
 def _placeholder(lazy: _Lazy) -> Tensor:
@@ -187,7 +175,7 @@ class AttentionCapture(TorchFunctionMode):
             if func is SDPA:
                 return self._sdpa(args, kwargs)
             return func(*args, **kwargs)
-        leaves = _tensor_leaves(args, kwargs)
+        leaves = [a for a in call_arguments(args, kwargs) if isinstance(a, Tensor)]
         lazies = [lz for lz in (self._lazy_of(a) for a in leaves) if lz is not None]
         if func in CONTRACT or func is SDPA:
             if func is SDPA:

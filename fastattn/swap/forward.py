@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch.utils import _pytree as pytree
-
 from .. import constants
 from ..attention_map import AttentionMap
+from ..backends.torch_chunked import matrix_bytes
 from ..dispatch import env_backend
 from ..nn import attention_core
 from ..reference import accumulation_dtype, default_scale
 from .capture import AttentionCapture, warn_miss
 from .families import AttentionFamily, forward_signature
+from .torch_calls import call_arguments
 
 __all__ = ["run_family", "run_traced", "is_swapped", "install_forward", "uninstall_forward", "SwapState",
            "STATE", "ThreadRecorder", "always_capture", "direct_is_faster"]
@@ -110,10 +110,7 @@ def _call_signature(training: bool, args, kwargs):
     and devices of the tensor arguments, the other arguments' values, training and grad mode.
     None when an argument is of a kind not keyed here (then the call is always captured)."""
     parts = [training, torch.is_grad_enabled(), tuple(kwargs)]
-    values = (*args, *kwargs.values())
-    if any(type(value) in (list, tuple, dict) for value in values):
-        values = pytree.tree_leaves(values)
-    for value in values:
+    for value in call_arguments(args, kwargs):
         if isinstance(value, Tensor):
             parts.append((value.shape, value.dtype, value.device, value.requires_grad))
         elif value is None or type(value) in (bool, int, float, str):
@@ -130,8 +127,7 @@ def direct_is_faster(core_shapes: list, backend: str | None, grad: bool = False,
     backend computes the naive arithmetic itself (kept probabilities) and capturing costs more
     per call than it saves (constants.py has the measurements). A forward that makes its
     attention map real anyway (`map_made`: it returns the map, or averages it over heads, ...)
-    computed it twice when captured (1.20-1.30x at 8-32 MiB): without a graph such calls run as
-    written at any size."""
+    computed it twice when captured: without a graph such calls run as written at any size."""
     if backend is not None or env_backend() is not None or not core_shapes:
         return False
     budget = constants.SWAP_DIRECT_MAX_BYTES_GRAD if grad else constants.SWAP_DIRECT_MAX_BYTES
@@ -140,7 +136,7 @@ def direct_is_faster(core_shapes: list, backend: str | None, grad: bool = False,
     for batch, n_queries, n_keys, dtype, device_type in core_shapes:
         if device_type != "cpu":
             return False
-        if budget is not None and batch * n_queries * n_keys * accumulation_dtype(dtype).itemsize > budget:
+        if budget is not None and matrix_bytes(batch, n_queries, n_keys, accumulation_dtype(dtype))[1] > budget:
             return False
     return True
 

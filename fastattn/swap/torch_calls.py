@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 __all__ = ["CONTRACT", "SOFTMAX", "SDPA", "MUL", "DIV", "VIEW", "PERMUTE", "CAST", "META_METHODS", "META_PROPS",
            "WHAT", "func_name", "property_name", "result_dtype", "einsum_labels", "contraction_operands",
-           "contraction_roles", "fold", "int_dim", "constant_scalar"]
+           "contraction_roles", "fold", "int_dim", "constant_scalar", "call_arguments"]
 
 T = torch.Tensor
 CONTRACT = {torch.bmm: "bmm", T.bmm: "bmm", torch.matmul: "matmul", T.matmul: "matmul",
@@ -151,3 +152,14 @@ def constant_scalar(value) -> float | None:
             and value.is_floating_point():
         return float(value)
     return None
+
+
+def call_arguments(args: tuple, kwargs: dict):
+    """The leaves of a call's arguments: the arguments themselves when none is a list, tuple or
+    dict (the common case, and what a swapped layer pays on each op and each call), pytree's
+    leaves otherwise."""
+    values = (*args, *kwargs.values())
+    for value in values:
+        if isinstance(value, (list, tuple, dict)):
+            return pytree.tree_leaves(values)
+    return values

@@ -160,13 +160,19 @@ def _cotangents(outputs: list[Tensor], seed: int) -> list[Tensor]:
     return [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outputs]
 
 
+def _floating_inputs(args: tuple, dtype: torch.dtype, requires_grad: bool) -> tuple[tuple, list[Tensor]]:
+    """args with each floating tensor a detached copy in `dtype` (requires_grad_ on it must not
+    change the caller's tensor), and those copies when they require grad."""
+    inputs = pytree.tree_map(
+        lambda t: t.detach().to(dtype).requires_grad_(requires_grad) if isinstance(t, Tensor) and t.is_floating_point()
+        else t, args)
+    return inputs, [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
+
+
 def _run(source: nn.Module, args: tuple, dtype: torch.dtype, training: bool, layer_names: list[str],
          backward: bool, double: bool, seed: int, device: torch.device) -> _Run:
     model = deepcopy_detached(source).to(dtype).train(training)
-    inputs = pytree.tree_map(
-        lambda t: t.detach().to(dtype).requires_grad_(backward) if isinstance(t, Tensor) and t.is_floating_point()
-        else t, args)
-    grad_inputs = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    inputs, grad_inputs = _floating_inputs(args, dtype, backward)
     result, capturing, handles = _Run(), [True], []
 
     for name in layer_names:
@@ -334,11 +340,7 @@ def _timed_call(source: nn.Module, args: tuple, dtype_name: str, direction: str)
     training mode with the gradients of the floating inputs and the parameters (fwd+bwd)."""
     dtype = DTYPE_NAMES[dtype_name]
     model = deepcopy_detached(source).to(dtype).train(direction != "fwd")
-    # detached copies: requires_grad_ below must not change the caller's tensors
-    inputs = pytree.tree_map(lambda t: t.detach().to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t,
-                             args)
-    leaves = [t.requires_grad_() for t in pytree.tree_leaves(inputs)
-              if isinstance(t, Tensor) and t.is_floating_point() and direction != "fwd"]
+    inputs, leaves = _floating_inputs(args, dtype, direction != "fwd")
     targets = leaves + [p for p in model.parameters() if p.requires_grad]
 
     def call(_):
@@ -354,8 +356,9 @@ def _timing_method(device: torch.device) -> str:
     memory = ("torch.cuda.max_memory_allocated() growth" if device.type == "cuda" else
               "growth of this process's resident peak (VmHWM) over one call, in process")
     return (f"median of >= {VERIFY_MIN_REPEATS} calls and >= {VERIFY_MIN_TIME_S:g} s after a warm-up, the "
-            f"original and the swapped model interleaved (one call of each per round), as `fastattn bench` times; fwd: eval mode, no grad; fwd+bwd: training mode, gradients of the "
-            f"inputs and parameters; peak memory: {memory}")
+            f"original and the swapped model interleaved (one call of each per round), as `fastattn bench` "
+            f"times; fwd: eval mode, no grad; fwd+bwd: training mode, gradients of the inputs and parameters; "
+            f"peak memory: {memory}")
 
 
 # --- the entry point -----------------------------------------------------------------------------
